@@ -1,0 +1,172 @@
+"""The local app inventory: list app directories, locate one, stream it as tar."""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+import subprocess
+import tempfile
+from pathlib import Path
+
+from . import grammar
+from .errors import BadSlug, NoSuchApp, StreamFailed
+
+TAR = "/usr/bin/tar" if os.path.exists("/usr/bin/tar") else "/bin/tar"
+# A fixed, minimal environment for tar: TAR_OPTIONS, POSIXLY_CORRECT or a
+# hostile PATH in our environment must not change what tar does.
+_TAR_ENV = {"PATH": "/usr/bin:/bin", "LC_ALL": "C"}
+_CHUNK = 1 << 20
+
+
+_BLOCK = 512
+_RECORD = 20 * _BLOCK
+_USTAR_NAME = 100
+
+
+def _padded(size: int) -> int:
+    return -(-size // _BLOCK) * _BLOCK
+
+
+def _pax(length: int) -> int:
+    """Return what a name or link target of ``length`` bytes adds beyond ustar."""
+    # Too long for ustar: a pax header block and its record.
+    return _BLOCK + _padded(length + 32) if length >= _USTAR_NAME else 0
+
+
+def archive_size(path: Path) -> int:
+    """Return the size of the tar stream ``stream-app`` sends for ``path`` (links not followed).
+
+    Headers and padding included, so a client can use it for progress and as
+    the basis of its size ceiling; it is exact for short names and an upper
+    estimate for long ones.
+    """
+    total = _BLOCK  # the "./" entry
+    seen: dict[tuple[int, int], int] = {}  # inode -> length of its first name
+    stack = [(str(path), "./")]
+    while stack:
+        top, prefix = stack.pop()
+        try:
+            with os.scandir(top) as it:
+                for entry in it:
+                    st = entry.stat(follow_symlinks=False)
+                    name = prefix + entry.name
+                    length = len(os.fsencode(name))
+                    header = _BLOCK + _pax(length)
+                    inode = (st.st_dev, st.st_ino)
+                    if stat.S_ISSOCK(st.st_mode):
+                        continue  # tar skips sockets
+                    if not stat.S_ISDIR(st.st_mode) and st.st_nlink > 1 and inode in seen:
+                        # A second name of a hard link is sent as a link, without data.
+                        total += header + _pax(seen[inode])
+                        continue
+                    seen.setdefault(inode, length)
+                    if stat.S_ISDIR(st.st_mode):
+                        total += header
+                        stack.append((entry.path, name + "/"))
+                    elif stat.S_ISREG(st.st_mode):
+                        total += header + _padded(st.st_size)
+                    elif stat.S_ISLNK(st.st_mode):
+                        total += header + _pax(len(os.fsencode(os.readlink(entry.path))))
+                    else:
+                        total += header
+        except OSError:
+            continue
+    total += 2 * _BLOCK  # end of archive
+    return -(-total // _RECORD) * _RECORD
+
+
+def list_apps(apps_dir: Path) -> list[dict]:
+    """Return ``[{slug, size_kb}]`` for each app directory, sorted by slug.
+
+    ``size_kb`` is the size of the archive ``stream-app`` would send, in KiB.
+    """
+    apps = []
+    try:
+        entries = list(os.scandir(apps_dir))
+    except FileNotFoundError:
+        return []
+    for entry in entries:
+        # Names outside the slug grammar could never be requested; symlinks
+        # could point anywhere on the host, so neither is advertised.
+        if not grammar.is_slug(entry.name) or not entry.is_dir(follow_symlinks=False):
+            continue
+        size = archive_size(Path(entry.path))
+        apps.append({"slug": entry.name, "size_kb": (size + 1023) // 1024})
+    return sorted(apps, key=lambda app: app["slug"])
+
+
+def app_path(apps_dir: Path, slug: str) -> Path:
+    """Return the directory of app ``slug``; raise BadSlug or NoSuchApp."""
+    # Grammar first: no '/', '..' or leading '-' can reach the filesystem.
+    if not grammar.is_slug(slug):
+        raise BadSlug(slug[:80])
+    path = apps_dir / slug
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        raise NoSuchApp(slug) from None
+    # A symlinked app directory could expose anything on the host.
+    if not stat.S_ISDIR(st.st_mode):
+        raise NoSuchApp(f"{slug} is not a directory")
+    # Belt and braces: the resolved path must sit inside apps_dir (trailing
+    # separator, so /apps-evil never passes as inside /apps).
+    root = os.path.realpath(apps_dir) + os.sep
+    if not os.path.realpath(path).startswith(root):
+        raise NoSuchApp(f"{slug} resolves outside apps_dir")
+    return path
+
+
+def tar_command(app_dir: Path) -> list[str]:
+    """Return the argument list that writes ``app_dir`` as a POSIX tar to stdout."""
+    return [TAR, "--create", "--file=-", f"--directory={app_dir}", "--format=posix",
+            # Without these, pax headers carry atime/ctime for every member and
+            # double the size of an archive of small files.
+            "--pax-option=delete=atime,delete=ctime,delete=mtime",
+            # Numbers only: no user or group names of this host leak to the peer.
+            "--numeric-owner", "--", "."]
+
+
+def stream_app(app_dir: Path, out_fd: int) -> int:
+    """Write ``app_dir`` as tar to ``out_fd``; return the bytes written."""
+    with tempfile.TemporaryFile() as errors:
+        proc = subprocess.Popen(tar_command(app_dir), stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=errors, env=_TAR_ENV,
+                                close_fds=True)
+        assert proc.stdout is not None
+        sent = 0
+        try:
+            sent = _copy(proc.stdout.fileno(), out_fd)
+        except BaseException:
+            proc.kill()
+            raise
+        finally:
+            proc.stdout.close()
+            rc = proc.wait()
+        if rc != 0:
+            errors.seek(0)
+            message = errors.read(500).decode("utf-8", "replace").strip()
+            raise StreamFailed(f"tar exited {rc}: {message}")
+        return sent
+
+
+def _copy(src: int, dst: int) -> int:
+    """Move bytes from pipe ``src`` to ``dst`` until EOF; splice when possible."""
+    total = 0
+    try:
+        while True:
+            n = os.splice(src, dst, _CHUNK)
+            if n == 0:
+                return total
+            total += n
+    except OSError as exc:
+        if exc.errno not in (errno.EINVAL, errno.ENOSYS):
+            raise
+    while True:
+        data = os.read(src, _CHUNK)
+        if not data:
+            return total
+        view = memoryview(data)
+        while view:
+            view = view[os.write(dst, view):]
+        total += len(data)

@@ -1,0 +1,5 @@
+"""Allow `python -m peerkit.cli`."""
+
+from .main import main
+
+main()

@@ -1,0 +1,110 @@
+"""CLI commands that talk to peers: ping, apps, pull."""
+
+from __future__ import annotations
+
+import asyncio
+
+import click
+
+from ..config import read_config
+from ..errors import PeerkitError
+from .main import Context, common_options
+from .progress import Progress
+
+
+@click.command(epilog="""\b
+Examples:
+  peerkit ping beta
+  peerkit ping --all --json""")
+@click.argument("peer", required=False)
+@click.option("--all", "everyone", is_flag=True, help="Ping every paired peer concurrently.")
+@common_options
+def ping(obj: Context, peer: str | None, everyone: bool) -> int:
+    """Check that PEER answers, and record its status and last-seen time."""
+    if bool(peer) == everyone:
+        raise click.UsageError("name one PEER or use --all")
+    from .. import client  # asyncssh is heavy: only commands that connect load it
+
+    cfg = read_config(obj.config)
+    if everyone:
+        results = asyncio.run(client.ping_all(cfg, obj.note))
+
+        def table() -> None:
+            for r in results:
+                state = f"ok  {r['rtt_ms']} ms  peerkit {r['version']}" if r["ok"] else r["error"]
+                click.echo(f"{r['peer']:<24} {state}")
+            if not results:
+                click.echo("no peers yet")
+
+        obj.emit({"peers": results}, table)
+        return 0 if all(r["ok"] for r in results) else 1
+    result = asyncio.run(client.ping_peer(cfg, peer, obj.note))
+    obj.emit(result, f"{peer} is up: {result['rtt_ms']} ms round trip, peer-shell {result['version']}")
+    return 0
+
+
+@click.command(epilog="Example: peerkit apps beta")
+@click.argument("peer")
+@common_options
+def apps(obj: Context, peer: str) -> None:
+    """List the apps PEER lets us pull, live from its peer-shell."""
+    from .. import client
+
+    cfg = read_config(obj.config)
+    result = asyncio.run(client.peer_apps(cfg, peer, obj.note))
+
+    def human() -> None:
+        if not result["apps"]:
+            click.echo(f"{peer} offers no apps")
+        for app in result["apps"]:
+            click.echo(f"{app['slug']:<40} {app['size_kb']:>12,} KiB")
+
+    obj.emit(result, human)
+
+
+@click.command(epilog="""\b
+Examples:
+  peerkit pull beta nextcloud
+  peerkit pull beta nextcloud --no-pre-backup --keep-urls
+  peerkit pull beta nextcloud --json   # progress events, then the result""")
+@click.argument("peer")
+@click.argument("app")
+@click.option("--no-pre-backup", is_flag=True, help="Skip the snapshot of the local app before replacing it.")
+@click.option("--keep-urls", is_flag=True, help="Do not rewrite the peer's domain to ours.")
+@click.option("--progress/--no-progress", "show_progress", default=None,
+              help="Force the progress bar on or off (default: on when stderr is a terminal).")
+@common_options
+def pull(obj: Context, peer: str, app: str, no_pre_backup: bool, keep_urls: bool,
+         show_progress: bool | None) -> None:
+    """Copy APP from PEER into the local apps directory, safely.
+
+    The local app changes only by an atomic swap after the whole transfer
+    has arrived and been verified; a failure afterwards puts it back.
+    """
+    from ..pull import pull_app
+
+    cfg = read_config(obj.config)
+    progress = Progress(as_json=obj.json, show_bar=show_progress)
+    try:
+        report = asyncio.run(pull_app(cfg, peer, app, pre_backup=not no_pre_backup,
+                                      keep_urls=keep_urls, progress=progress, note=obj.note))
+    except PeerkitError:
+        progress.close()
+        raise
+    progress.close()
+
+    def human() -> None:
+        click.echo(f"pulled {app} from {peer}: {report.files} files, {report.bytes:,} bytes")
+        if report.backup:
+            click.echo(f"  pre-backup   {report.backup}")
+        if report.rewritten:
+            click.echo(f"  URLs         rewritten in {', '.join(report.rewritten)}")
+        click.echo("  stages       " + ", ".join(
+            f"{s.name} {s.outcome}" + (f" ({s.detail})" if s.detail else "") for s in report.stages))
+        for text in report.notes:
+            click.echo(f"  note         {text}")
+
+    obj.emit({"event": "result", **report.to_json()}, human)
+
+
+COMMANDS = [ping, apps, pull]

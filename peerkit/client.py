@@ -1,0 +1,347 @@
+"""Talk to a paired peer's peer-shell over SSH, with asyncssh.
+
+Connections use our identity only (no agent, no ~/.ssh/config, no other
+keys), a connect timeout and keepalives, and the peer's host key pinned:
+from the fingerprints in its v2 token, from the key recorded on first use
+for a v1 token, and from then on from the recorded key object itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import asyncssh
+
+from .config import Config
+from .errors import (BadSlug, HostKeyMismatch, NoSuchApp, NoSuchPeer, PeerkitError, PeerRefused,
+                     PeerUnreachable, ProtocolError)
+from .state import Peer, PeerStore
+
+# Flow control: a large window and packets keep a fast link busy.
+WINDOW = 16 << 20
+MAX_PACKET = 256 << 10
+MAX_JSON_REPLY = 4 << 20
+MAX_STDERR = 64 << 10
+# A peer that keeps the connection open but stops sending is cut off.
+IDLE_TIMEOUT = 120.0
+# Remote error codes we map to local errors; anything else is "refused".
+_REMOTE_ERRORS: dict[str, type[PeerkitError]] = {"bad-slug": BadSlug, "no-such-app": NoSuchApp}
+
+
+def _cpu_has_aes() -> bool:
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as fh:
+            return any(line.startswith("flags") and " aes" in line for line in fh)
+    except OSError:
+        return False
+
+
+def encryption_algs() -> list[str]:
+    """Return ciphers fastest first: AES-GCM where the CPU accelerates AES."""
+    gcm = ["aes128-gcm@openssh.com", "aes256-gcm@openssh.com"]
+    chacha = ["chacha20-poly1305@openssh.com"]
+    ctr = ["aes128-ctr", "aes192-ctr", "aes256-ctr"]
+    return gcm + chacha + ctr if _cpu_has_aes() else chacha + gcm + ctr
+
+
+class _PinningClient(asyncssh.SSHClient):
+    """Accept only the host key the peer's token or first contact pinned."""
+
+    def __init__(self, fingerprints: set[str], recorded: bool) -> None:
+        self.fingerprints = fingerprints
+        self.recorded = recorded
+        self.offered: asyncssh.SSHKey | None = None
+        self.mismatch = False
+        self.first_use = False
+
+    def validate_host_public_key(self, host: str, addr: str, port: int, key: asyncssh.SSHKey) -> bool:
+        # Called only for keys that are not the recorded key object.
+        self.offered = key
+        if self.recorded:
+            # A recorded key that changed is a different machine or a MITM.
+            self.mismatch = True
+            return False
+        if self.fingerprints:
+            ok = key.get_fingerprint("sha256") in self.fingerprints
+            self.mismatch = not ok
+            return ok
+        # v1 token: nothing to pin yet; trust on first use and record.
+        self.first_use = True
+        return True
+
+
+@dataclass
+class StreamResult:
+    """How a streamed command ended."""
+
+    exit_status: int | None
+    bytes: int
+    stderr: bytes
+    error_code: str | None
+
+
+class _Sink(asyncssh.SSHClientSession):
+    """Hand stdout to a callback as it arrives; keep the start of stderr."""
+
+    def __init__(self, on_data: Callable[[bytes], None]) -> None:
+        self.on_data = on_data
+        self.bytes = 0
+        self.stderr = bytearray()
+        self.failure: BaseException | None = None
+        self.chan: asyncssh.SSHClientChannel | None = None
+        self.last_data = time.monotonic()
+
+    def connection_made(self, chan: asyncssh.SSHClientChannel) -> None:
+        self.chan = chan
+
+    def data_received(self, data: bytes, datatype: int | None) -> None:
+        self.last_data = time.monotonic()
+        if datatype == asyncssh.EXTENDED_DATA_STDERR:
+            # Bounded, and always drained: stdout and stderr share one window.
+            room = MAX_STDERR - len(self.stderr)
+            if room > 0:
+                self.stderr += data[:room]
+            return
+        if self.failure is not None:
+            return
+        self.bytes += len(data)
+        try:
+            self.on_data(data)
+        except BaseException as exc:  # noqa: BLE001 - re-raised by stream()
+            self.failure = exc
+            if self.chan is not None:
+                self.chan.close()
+
+
+def _remote_error(stderr: bytes) -> str | None:
+    """Return the peer-shell error code from its stderr, if it sent one."""
+    for line in stderr.decode("utf-8", "replace").splitlines()[-3:]:
+        try:
+            obj = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(obj, dict) and obj.get("ok") is False and isinstance(obj.get("error"), str):
+            return obj["error"][:40]
+    return None
+
+
+class PeerConnection:
+    """An authenticated SSH connection to one peer's peer-shell."""
+
+    def __init__(self, conn: asyncssh.SSHClientConnection, peer: Peer) -> None:
+        self.conn = conn
+        self.peer = peer
+
+    async def close(self) -> None:
+        self.conn.close()
+        await self.conn.wait_closed()
+
+    async def __aenter__(self) -> "PeerConnection":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def stream(self, command: str, on_data: Callable[[bytes], None],
+                     idle_timeout: float = IDLE_TIMEOUT) -> StreamResult:
+        """Run ``command``, handing stdout chunks to ``on_data``; return how it ended."""
+        sink = _Sink(on_data)
+        try:
+            chan, _ = await self.conn.create_session(
+                lambda: sink, command, encoding=None, window=WINDOW, max_pktsize=MAX_PACKET)
+            closed = asyncio.ensure_future(chan.wait_closed())
+            try:
+                while not closed.done():
+                    await asyncio.wait({closed}, timeout=min(idle_timeout, 5.0))
+                    if not closed.done() and time.monotonic() - sink.last_data > idle_timeout:
+                        chan.close()
+                        raise PeerUnreachable(f"{self.peer.name}: no data for {idle_timeout:g}s")
+            finally:
+                if not closed.done():
+                    closed.cancel()
+            closed.result()
+        except (asyncssh.Error, OSError) as exc:
+            if sink.failure is not None:
+                raise sink.failure from None
+            raise PeerUnreachable(f"{self.peer.name}: connection lost: {exc}") from None
+        if sink.failure is not None:
+            raise sink.failure
+        return StreamResult(chan.get_exit_status(), sink.bytes, bytes(sink.stderr),
+                            _remote_error(bytes(sink.stderr)))
+
+    async def call_json(self, command: str) -> dict[str, Any]:
+        """Run a verb that answers with one JSON object; raise on refusal."""
+        buf = bytearray()
+
+        def collect(data: bytes) -> None:
+            # A peer that floods us with a "reply" is cut off, not buffered.
+            if len(buf) + len(data) > MAX_JSON_REPLY:
+                raise ProtocolError(f"{self.peer.name}: reply to {command!r} is too large")
+            buf.extend(data)
+
+        result = await self.stream(command, collect)
+        if result.exit_status != 0:
+            raise_remote(self.peer.name, result)
+        try:
+            obj = json.loads(buf.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError):
+            raise ProtocolError(f"{self.peer.name}: reply to {command!r} is not JSON") from None
+        if not isinstance(obj, dict):
+            raise ProtocolError(f"{self.peer.name}: reply to {command!r} is not a JSON object")
+        return obj
+
+
+def raise_remote(peer: str, result: StreamResult) -> None:
+    """Raise the local error for a command the peer refused or failed."""
+    code = result.error_code or "refused"
+    cls = _REMOTE_ERRORS.get(code, PeerRefused)
+    raise cls(f"{peer} answered {code} (exit status {result.exit_status})")
+
+
+async def connect(cfg: Config, peer: Peer, store: PeerStore | None = None,
+                  *, notes: Callable[[str], None] | None = None) -> PeerConnection:
+    """Open an authenticated, host-key-pinned connection to ``peer``."""
+    pc = peer.config
+    recorded = pc.get("host_key")
+    trusted = [asyncssh.import_public_key(recorded)] if recorded else []
+    client = _PinningClient(set(pc.get("host_key_fingerprints") or ()), bool(recorded))
+    try:
+        identity = asyncssh.read_private_key(str(cfg.ssh.identity))
+    except (OSError, asyncssh.KeyImportError) as exc:
+        raise PeerkitError(f"cannot read identity {cfg.ssh.identity}: {exc}") from None
+    try:
+        conn = await asyncssh.connect(
+            pc["host"], pc["port"], username=pc["user"],
+            client_factory=lambda: client,
+            known_hosts=(trusted, [], []),
+            client_keys=[identity], agent_path=None, agent_forwarding=False,
+            password_auth=False, kbdint_auth=False, gss_auth=False, gss_kex=False,
+            host_based_auth=False, preferred_auth="publickey",
+            config=None, x509_trusted_certs=None,
+            encryption_algs=encryption_algs(),
+            connect_timeout=cfg.ssh.connect_timeout, login_timeout=cfg.ssh.connect_timeout,
+            keepalive_interval=15, keepalive_count_max=4)
+    except asyncssh.HostKeyNotVerifiable as exc:
+        if client.mismatch or not str(exc).startswith("Unable"):
+            raise HostKeyMismatch(f"{peer.name} at {pc['host']}:{pc['port']}: {exc}") from None
+        raise
+    except asyncssh.PermissionDenied:
+        raise PeerRefused(f"{peer.name} refused our key (not paired there, or revoked)") from None
+    except (OSError, asyncio.TimeoutError, asyncssh.Error) as exc:
+        raise PeerUnreachable(f"{peer.name} at {pc['host']}:{pc['port']}: {exc or type(exc).__name__}") \
+            from None
+    if not recorded and client.offered is not None:
+        line = client.offered.export_public_key().decode("ascii").strip()
+        peer.config["host_key"] = line
+        if store is not None:
+            store.put(peer)
+        if client.first_use and notes is not None:
+            notes(f"{peer.name}: no host key was pinned by its token; recorded "
+                  f"{client.offered.get_fingerprint('sha256')} and every later connection must match")
+    return PeerConnection(conn, peer)
+
+
+async def ping(conn: PeerConnection) -> dict[str, Any]:
+    """Ask the peer who it is; return its answer."""
+    reply = await conn.call_json("ping")
+    if reply.get("ok") is not True:
+        raise ProtocolError(f"{conn.peer.name}: unexpected ping reply")
+    return reply
+
+
+async def list_apps(conn: PeerConnection) -> dict[str, Any]:
+    """Return the peer's app inventory (validated)."""
+    from . import grammar
+
+    reply = await conn.call_json("list-apps")
+    apps = reply.get("apps")
+    if not isinstance(apps, list):
+        raise ProtocolError(f"{conn.peer.name}: list-apps reply has no app list")
+    clean = []
+    for app in apps:
+        # Peer-supplied names end up in paths and on screens: keep only
+        # entries that match our grammar, with a sane size.
+        if (isinstance(app, dict) and grammar.is_slug(app.get("slug", "")) and isinstance(
+                app.get("size_kb"), int) and not isinstance(app.get("size_kb"), bool)
+                and 0 <= app["size_kb"] < 1 << 50):
+            clean.append({"slug": app["slug"], "size_kb": app["size_kb"]})
+    domain = reply.get("domain")
+    if not (isinstance(domain, str) and "." in domain and grammar.is_host(domain) and ":" not in domain):
+        domain = None
+    return {"peer": conn.peer.name, "apps": clean, "domain": domain}
+
+
+def status_for(exc: PeerkitError) -> str:
+    """Return the peer status a failed connection leaves behind."""
+    return {"host-key-mismatch": "host-key-mismatch", "refused": "refused"}.get(exc.code, "unreachable")
+
+
+def get_peer(store: PeerStore, name: str) -> Peer:
+    """Return the paired peer ``name`` or raise NoSuchPeer."""
+    peer = store.get(name)
+    if peer is None:
+        raise NoSuchPeer(name)
+    return peer
+
+
+async def open_peer(cfg: Config, store: PeerStore, name: str,
+                    notes: Callable[[str], None] | None = None) -> PeerConnection:
+    """Connect to ``name`` and ping it, recording the outcome as its status."""
+    peer = get_peer(store, name)
+    try:
+        conn = await connect(cfg, peer, store, notes=notes)
+        try:
+            await ping(conn)
+        except BaseException:
+            await conn.close()
+            raise
+    except PeerkitError as exc:
+        store.set_status(name, status_for(exc), seen=False)
+        raise
+    store.set_status(name, "ok", seen=True)
+    return conn
+
+
+async def ping_peer(cfg: Config, name: str, notes: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Ping one peer; return its name, version and the round trip time."""
+    with PeerStore(cfg.db_path) as store:
+        started = time.monotonic()
+        peer = get_peer(store, name)
+        try:
+            conn = await connect(cfg, peer, store, notes=notes)
+            async with conn:
+                t0 = time.monotonic()
+                reply = await ping(conn)
+                rtt = time.monotonic() - t0
+        except PeerkitError as exc:
+            store.set_status(name, status_for(exc), seen=False)
+            raise
+        store.set_status(name, "ok", seen=True)
+    return {"peer": name, "remote_name": reply.get("peer"), "version": reply.get("version"),
+            "rtt_ms": round(rtt * 1000, 1), "total_ms": round((time.monotonic() - started) * 1000, 1)}
+
+
+async def ping_all(cfg: Config, notes: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
+    """Ping every peer concurrently; return one result per peer (never raises for one peer)."""
+    with PeerStore(cfg.db_path) as store:
+        names = [p.name for p in store.all()]
+
+    async def one(name: str) -> dict[str, Any]:
+        try:
+            return {"ok": True, **await ping_peer(cfg, name, notes)}
+        except PeerkitError as exc:
+            return {"ok": False, "peer": name, "error": exc.code, "message": exc.message}
+
+    return list(await asyncio.gather(*(one(n) for n in names)))
+
+
+async def peer_apps(cfg: Config, name: str, notes: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Return the live app inventory of peer ``name``."""
+    with PeerStore(cfg.db_path) as store:
+        conn = await open_peer(cfg, store, name, notes)
+    async with conn:
+        return await list_apps(conn)

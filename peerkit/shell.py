@@ -1,0 +1,138 @@
+"""peer-shell: the forced command sshd runs for every paired peer's key.
+
+    command="<peer-shell> --config <config path> <peer-name>"
+
+The forced arguments are ours (we wrote the key line) and beat anything the
+client sends; the client's request arrives in SSH_ORIGINAL_COMMAND and is
+parsed by ``command.parse_command``.  The remote side learns only a short
+error code; the audit log learns everything.  This module is imported on
+every SSH call, so it imports only what the verbs need.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from typing import Any
+
+from . import __version__, audit, grammar
+from .command import Request, parse_command
+from .errors import PeerkitError, PeerRefused
+
+USAGE = "usage: peer-shell --config PATH PEER-NAME  (run by sshd as a forced command)"
+# Codes the remote side may see; anything else is reported as "refused" or
+# "failed" so internal details (paths, config errors) never leave the host.
+_REMOTE_CODES = {"refused", "bad-slug", "no-such-app", "failed"}
+
+
+def _say(stream: Any, obj: dict) -> None:
+    # Best effort: a client that hung up right after sending its command
+    # makes this write fail with EPIPE.  It is called from serve()'s except
+    # handler, so raising here would skip the audit record of a refusal.
+    try:
+        stream.write(json.dumps(obj, separators=(", ", ": ")) + "\n")
+        stream.flush()
+    except OSError:
+        pass
+
+
+def _parse_argv(argv: list[str]) -> tuple[str, str]:
+    """Return (config path, peer name) from the forced command's arguments."""
+    if len(argv) != 3 or argv[0] != "--config" or not argv[1].startswith("/"):
+        raise PeerRefused("bad forced-command arguments")
+    if not grammar.is_name(argv[2]):
+        raise PeerRefused("bad peer name in forced command")
+    return argv[1], argv[2]
+
+
+def serve(config_path: str, peer: str, original: str | None, env: dict[str, str],
+          stdout_fd: int = 1) -> int:
+    """Run one request for ``peer``; return the process exit status."""
+    from .config import read_config
+
+    started = time.monotonic()
+    client, client_port = audit.client_address(env.get("SSH_CONNECTION"))
+    event: dict[str, Any] = {"peer": peer, "client": client, "client_port": client_port}
+    cfg = None
+    try:
+        cfg = read_config(config_path)
+        request = parse_command(original)
+        event.update(verb=request.verb, slug=request.slug)
+        _require_paired(cfg, peer)
+        sent = _dispatch(cfg, request, stdout_fd)
+        event.update(outcome="ok", bytes=sent)
+        status = 0
+    except PeerkitError as exc:
+        # Before a request is accepted every failure is a refusal; after, a failure.
+        code = exc.code if exc.code in _REMOTE_CODES else ("failed" if "verb" in event else "refused")
+        event.update(outcome=code, reason=audit.clean(exc.detail or exc.message), bytes=event.get("bytes", 0))
+        if "verb" not in event:
+            event["command"] = audit.clean(original)
+        _say(sys.stderr, {"ok": False, "error": code})
+        status = exc.exit_code
+    except BrokenPipeError:
+        event.update(outcome="disconnected")
+        status = 1
+    event["duration_ms"] = round((time.monotonic() - started) * 1000, 1)
+    if cfg is not None:
+        try:
+            cfg.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            audit.record(cfg.audit_log, **event)
+        except OSError as exc:
+            print(f"peer-shell: cannot write audit log: {exc}", file=sys.stderr)
+            status = status or 1
+    return status
+
+
+def _require_paired(cfg: Any, peer: str) -> None:
+    from .state import PeerStore, StateError
+
+    # The key line alone is not enough: a line left behind by a crashed
+    # unpair, or a peer whose row was removed, gets nothing.
+    try:
+        with PeerStore(cfg.db_path, readonly=True) as store:
+            row = store.get(peer)
+    except StateError:
+        row = None
+    if row is None:
+        raise PeerRefused(f"peer {peer} is not paired")
+
+
+def _dispatch(cfg: Any, request: Request, stdout_fd: int) -> int:
+    """Serve a validated request; return the bytes sent."""
+    if request.verb == "ping":
+        return _reply(stdout_fd, {"ok": True, "peer": cfg.name, "version": __version__})
+    if request.verb == "list-apps":
+        from .apps import list_apps
+        return _reply(stdout_fd, {"peer": cfg.name, "apps": list_apps(cfg.apps_dir), "domain": cfg.domain})
+    if request.verb == "stream-app":
+        from .apps import app_path, stream_app
+        return stream_app(app_path(cfg.apps_dir, request.slug), stdout_fd)
+    raise PeerRefused("unknown verb")  # unreachable: the parser whitelists verbs
+
+
+def _reply(fd: int, obj: dict) -> int:
+    data = (json.dumps(obj, separators=(", ", ": ")) + "\n").encode("utf-8")
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+    return len(data)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the peer-shell command."""
+    args = sys.argv[1:] if argv is None else argv
+    if args in (["--version"], ["-V"]):
+        print(f"peer-shell {__version__}")
+        return 0
+    if args in (["--help"], ["-h"]):
+        print(USAGE)
+        return 0
+    try:
+        config_path, peer = _parse_argv(args)
+    except PeerRefused:
+        _say(sys.stderr, {"ok": False, "error": "refused"})
+        return PeerRefused.exit_code
+    return serve(config_path, peer, os.environ.get("SSH_ORIGINAL_COMMAND"), dict(os.environ))

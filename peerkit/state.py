@@ -1,0 +1,156 @@
+"""The peers database: one SQLite file in state_dir, schema under migrations."""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import urllib.parse
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from .errors import StateError
+
+KIND_DIRECT = "direct-ssh-direct"
+
+# Append only: each entry moves the schema one version forward.
+_MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE TABLE peers (
+        name        TEXT PRIMARY KEY,
+        kind        TEXT NOT NULL,
+        config_json TEXT NOT NULL,
+        status      TEXT NOT NULL DEFAULT 'new',
+        last_seen   TEXT,
+        created_at  TEXT NOT NULL
+    );
+    """,
+)
+
+
+def now() -> str:
+    """Return the current UTC time as an ISO 8601 string."""
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+@dataclass
+class Peer:
+    """One paired peer."""
+
+    name: str
+    kind: str = KIND_DIRECT
+    config: dict[str, Any] = field(default_factory=dict)
+    status: str = "new"
+    last_seen: str | None = None
+    created_at: str = field(default_factory=now)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "kind": self.kind, **self.config, "status": self.status,
+                "last_seen": self.last_seen, "created_at": self.created_at}
+
+
+class PeerStore:
+    """Access to ``peers.db``."""
+
+    def __init__(self, db_path: Path, *, readonly: bool = False) -> None:
+        self.path = db_path
+        try:
+            if readonly:
+                # peer-shell only reads; it must never create or migrate the DB.
+                # Quoted: a '#', '?' or '%' in the path would otherwise end or
+                # alter the URI and open (and create) some other file.
+                self.db = sqlite3.connect(f"file:{urllib.parse.quote(str(db_path))}?mode=ro",
+                                          uri=True, timeout=10)
+            else:
+                db_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+                old_umask = os.umask(0o077)
+                try:
+                    self.db = sqlite3.connect(db_path, timeout=10)
+                finally:
+                    os.umask(old_umask)
+                self._migrate()
+        except sqlite3.Error as exc:
+            raise StateError(f"{db_path}: {exc}") from None
+
+    def close(self) -> None:
+        self.db.close()
+
+    def __enter__(self) -> "PeerStore":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _migrate(self) -> None:
+        # BEGIN IMMEDIATE serialises concurrent first runs: the second process
+        # waits, then sees the schema already applied.
+        self.db.isolation_level = None
+        try:
+            self.db.execute("BEGIN IMMEDIATE")
+            self.db.execute("CREATE TABLE IF NOT EXISTS schema_migrations "
+                            "(version INTEGER PRIMARY KEY, applied_at TEXT NOT NULL)")
+            current = self.schema_version()
+            if current > len(_MIGRATIONS):
+                raise StateError(f"{self.path} has schema version {current}; "
+                                 f"this peerkit knows {len(_MIGRATIONS)}")
+            for version, sql in enumerate(_MIGRATIONS[current:], start=current + 1):
+                self.db.execute(sql)
+                self.db.execute("INSERT INTO schema_migrations VALUES (?, ?)", (version, now()))
+            self.db.execute("COMMIT")
+        except BaseException:
+            if self.db.in_transaction:
+                self.db.execute("ROLLBACK")
+            raise
+        finally:
+            self.db.isolation_level = ""
+
+    def schema_version(self) -> int:
+        """Return the applied schema version."""
+        return self.db.execute("SELECT COALESCE(MAX(version), 0) FROM schema_migrations").fetchone()[0]
+
+    @staticmethod
+    def _row(row: tuple) -> Peer:
+        name, kind, config_json, status, last_seen, created_at = row
+        return Peer(name, kind, json.loads(config_json), status, last_seen, created_at)
+
+    def get(self, name: str) -> Peer | None:
+        """Return the peer called ``name``, or None."""
+        try:
+            row = self.db.execute("SELECT name, kind, config_json, status, last_seen, created_at "
+                                  "FROM peers WHERE name = ?", (name,)).fetchone()
+        except sqlite3.Error as exc:
+            raise StateError(f"{self.path}: {exc}") from None
+        return self._row(row) if row else None
+
+    def all(self) -> list[Peer]:
+        """Return every peer, sorted by name."""
+        rows = self.db.execute("SELECT name, kind, config_json, status, last_seen, created_at "
+                               "FROM peers ORDER BY name").fetchall()
+        return [self._row(r) for r in rows]
+
+    def put(self, peer: Peer) -> None:
+        """Insert or replace a peer row (keeping its creation time)."""
+        with self.db:
+            self.db.execute(
+                "INSERT INTO peers (name, kind, config_json, status, last_seen, created_at) "
+                "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(name) DO UPDATE SET kind = excluded.kind, "
+                "config_json = excluded.config_json, status = excluded.status, "
+                "last_seen = excluded.last_seen",
+                (peer.name, peer.kind, json.dumps(peer.config, sort_keys=True), peer.status,
+                 peer.last_seen, peer.created_at))
+
+    def delete(self, name: str) -> bool:
+        """Delete a peer row; return whether it existed."""
+        with self.db:
+            return self.db.execute("DELETE FROM peers WHERE name = ?", (name,)).rowcount > 0
+
+    def set_status(self, name: str, status: str, *, seen: bool) -> None:
+        """Record the outcome of talking to a peer."""
+        with self.db:
+            if seen:
+                self.db.execute("UPDATE peers SET status = ?, last_seen = ? WHERE name = ?",
+                                (status, now(), name))
+            else:
+                self.db.execute("UPDATE peers SET status = ? WHERE name = ?", (status, name))

@@ -1,0 +1,40 @@
+"""Shared fixtures: every test runs with a throwaway home and no PEERKIT_* variables."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True)
+def isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Point HOME at a fresh directory and clear peerkit's environment."""
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    for name in list(os.environ):
+        if name.startswith("PEERKIT_") or name == "SSH_ORIGINAL_COMMAND":
+            monkeypatch.delenv(name, raising=False)
+    return home
+
+
+def run_peerkit(*args: str, env: dict | None = None, input: str | None = None,
+                check: bool = False) -> subprocess.CompletedProcess:
+    """Run the real `peerkit` CLI in a subprocess, as a user would."""
+    proc = subprocess.run([sys.executable, "-m", "peerkit.cli", *args], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, input=input, timeout=120)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"peerkit {' '.join(args)} failed ({proc.returncode}): {proc.stderr}")
+    return proc
+
+
+@pytest.fixture
+def peerkit():
+    """Return a function that runs the peerkit CLI and returns the completed process."""
+    return run_peerkit

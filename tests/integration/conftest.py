@@ -1,0 +1,164 @@
+"""Fixtures for tests that go through a real OpenSSH sshd (see tests/support/sshd.py).
+
+One sshd and a handful of throwaway users serve the whole session.  The
+users are created before sshd starts because its AllowUsers lists exactly
+them.  Instances are created lazily, each owned by its own user:
+
+* ``alpha`` / ``beta``: paired both ways; the shared, non-destructive pair.
+* ``fresh_instance(role)``: an instance on a user of its own (``gamma``,
+  ``delta``, ``epsilon``) for tests that unpair or damage state.
+* ``control_login``: a user whose key line has a forced command but no
+  ``restrict``, to show that this sshd really grants what peerkit's lines
+  are refused (so each refusal is the key line's doing, not the server's).
+
+Without root or without /usr/sbin/sshd the tests skip, except under
+``CI=true`` where that is a failure: CI must never go green by skipping.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.support import sshd as harness
+
+
+# Every user the session may need: sshd's AllowUsers is fixed at start.
+# "control" has no peerkit instance: it holds a key line without `restrict`.
+ROLES = ("alpha", "beta", "gamma", "delta", "epsilon", "control")
+PEER_NAMES = {role: f"site-{role}" for role in ROLES if role != "control"}
+
+
+def _in_ci() -> bool:
+    return os.environ.get("CI", "").lower() == "true"
+
+
+def unavailable(reason: str) -> None:
+    """Skip, or fail under CI=true, because the environment cannot run these tests."""
+    if _in_ci():
+        pytest.fail(f"integration tests cannot run on CI: {reason}", pytrace=False)
+    pytest.skip(f"integration tests need root and OpenSSH: {reason}")
+
+
+@pytest.fixture(scope="session")
+def harness_root() -> Path:
+    """The 0755 temporary root under /tmp that holds sshd's files and the users' homes."""
+    problems = harness.missing_prerequisites()
+    if problems:
+        unavailable("; ".join(problems))
+    root = harness.make_root()
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def venv_bin() -> Path:
+    """The bin/ of the virtualenv running the tests: its peerkit and peer-shell are the ones tested."""
+    bin_dir = harness.venv_bin()
+    missing = [name for name in ("peerkit", "peer-shell") if not (bin_dir / name).is_file()]
+    if missing:
+        pytest.fail(f"{', '.join(missing)} not found in {bin_dir}: install peerkit into the test "
+                    f"virtualenv (pip install -e .)", pytrace=False)
+    return bin_dir
+
+
+@pytest.fixture(scope="session")
+def users(harness_root: Path, venv_bin: Path) -> dict[str, harness.ThrowawayUser]:
+    """One throwaway account per role, deleted (with its home) at the end of the session."""
+    created: dict[str, harness.ThrowawayUser] = {}
+    try:
+        for role in ROLES:
+            created[role] = harness.ThrowawayUser.create(harness_root)
+        problem = harness.check_runs_as(created[ROLES[0]], venv_bin / "peer-shell")
+        if problem:
+            pytest.fail(problem, pytrace=False)
+        yield created
+    finally:
+        errors = []
+        for user in created.values():
+            try:
+                user.delete()
+            except harness.HarnessError as exc:
+                errors.append(str(exc))
+        if errors:
+            raise harness.HarnessError("; ".join(errors))
+
+
+@pytest.fixture(scope="session")
+def sshd(harness_root: Path, users: dict[str, harness.ThrowawayUser]) -> harness.Sshd:
+    """A private sshd on 127.0.0.1 for the session, stopped at the end (before the users go)."""
+    server = harness.Sshd(harness_root / "sshd", [user.name for user in users.values()])
+    try:
+        server.start()
+    except harness.HarnessError as exc:
+        pytest.fail(str(exc), pytrace=False)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def make_instance(users, sshd, venv_bin):
+    """Return role -> initialised PeerkitInstance (created once per role, owned by its user)."""
+    made: dict[str, harness.PeerkitInstance] = {}
+
+    def make(role: str) -> harness.PeerkitInstance:
+        if role not in made:
+            made[role] = harness.PeerkitInstance(users[role], PEER_NAMES[role], sshd, venv_bin).init()
+        return made[role]
+
+    make.made = made  # type: ignore[attr-defined]
+    return make
+
+
+@pytest.fixture(scope="session")
+def alpha(make_instance) -> harness.PeerkitInstance:
+    return make_instance("alpha")
+
+
+@pytest.fixture(scope="session")
+def beta(make_instance) -> harness.PeerkitInstance:
+    return make_instance("beta")
+
+
+@pytest.fixture(scope="session")
+def beta_token(beta) -> str:
+    """B's pairing token (`peerkit token` as B), for the tests that pair it on a fresh instance."""
+    return beta.token()
+
+
+@pytest.fixture(scope="session")
+def paired(alpha, beta) -> tuple[harness.PeerkitInstance, harness.PeerkitInstance]:
+    """(A, B) after B's token was paired on A and A's token on B."""
+    harness.pair_both_ways(alpha, beta)
+    return alpha, beta
+
+
+@pytest.fixture(scope="session")
+def fresh_instance(make_instance):
+    """Return role -> an unpaired instance for one destructive test; a role can be claimed once."""
+    claimed: set[str] = set()
+
+    def claim(role: str) -> harness.PeerkitInstance:
+        if role not in ("gamma", "delta", "epsilon") or role in claimed:
+            raise AssertionError(f"instance role {role!r} is not free: give the test a role of its own")
+        claimed.add(role)
+        return make_instance(role)
+
+    return claim
+
+
+@pytest.fixture(scope="session")
+def control_login(harness_root: Path, users, sshd) -> tuple[harness.ThrowawayUser, Path]:
+    """(user, private key) whose authorized_keys line is `command="/bin/cat"` without `restrict`."""
+    user = users["control"]
+    key = harness_root / "control-key"
+    harness.run_root(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "control", "-f", str(key)])
+    public = key.with_name(key.name + ".pub").read_text(encoding="ascii").strip()
+    user.run(["mkdir", "-p", "-m", "700", str(user.home / ".ssh")], check=True)
+    user.write_file(user.home / ".ssh" / "authorized_keys",
+                    f'command="/bin/cat" {public}\n'.encode("ascii"), mode=0o600)
+    return user, key

@@ -1,0 +1,219 @@
+"""peer-shell: the forced command, run for real as sshd would run it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from peerkit import __version__, audit, pairing
+from peerkit.apps import archive_size
+from peerkit.config import Config
+from peerkit.state import PeerStore
+
+PEER_SHELL = Path(sys.executable).parent / "peer-shell"
+SSH_CONNECTION = "192.0.2.7 50123 192.0.2.1 22"
+
+
+def make_instance(root: Path, name: str) -> Config:
+    overrides = {
+        "name": name, "apps_dir": str(root / "apps"), "backups_dir": str(root / "backups"),
+        "state_dir": str(root / "state"), "peer_shell": str(PEER_SHELL),
+        "ssh": {"user": "peer", "host": f"{name}.example.test", "port": 22, "identity": str(root / "id"),
+                "authorized_keys": str(root / "ssh" / "authorized_keys"), "host_keys": []},
+    }
+    return pairing.init(root / "config.yaml", overrides).config
+
+
+@pytest.fixture(scope="module")
+def instance(tmp_path_factory) -> Config:
+    """'alpha' serving 'beta', with two apps; shared by the module (tests only read it)."""
+    root = tmp_path_factory.mktemp("shell")
+    alpha = make_instance(root / "alpha", "alpha")
+    beta = make_instance(root / "beta", "beta")
+    pairing.pair(alpha, pairing.our_token(beta)[0])
+    app = alpha.apps_dir / "myapp"
+    (app / "data").mkdir(parents=True)
+    (app / "compose.yaml").write_text("services: {}\n")
+    (app / "data" / "blob").write_bytes(os.urandom(200_000))
+    (app / "link").symlink_to("data/blob")
+    (alpha.apps_dir / "other").mkdir()
+    (alpha.apps_dir / "Hidden").mkdir()
+    return alpha
+
+
+def peer_shell(cfg: Config | None, command: str | None, *argv: str, env: dict | None = None,
+               ) -> subprocess.CompletedProcess:
+    args = list(argv) if argv else ["--config", str(cfg.path), "beta"]
+    full_env = {"PATH": "/usr/bin:/bin", "HOME": os.environ["HOME"], "SSH_CONNECTION": SSH_CONNECTION,
+                **(env or {})}
+    if command is not None:
+        full_env["SSH_ORIGINAL_COMMAND"] = command
+    return subprocess.run([str(PEER_SHELL), *args], capture_output=True, env=full_env, timeout=60)
+
+
+def events(cfg: Config) -> list[dict]:
+    return audit.read_events(cfg.audit_log)
+
+
+def test_ping(instance):
+    before = len(events(instance))
+    proc = peer_shell(instance, "ping")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == b""
+    assert proc.stdout.count(b"\n") == 1
+    assert json.loads(proc.stdout) == {"ok": True, "peer": "alpha", "version": __version__}
+    new = events(instance)[before:]
+    assert len(new) == 1
+    event = new[0]
+    assert (event["peer"], event["verb"], event["outcome"]) == ("beta", "ping", "ok")
+    assert (event["client"], event["client_port"]) == ("192.0.2.7", 50123)
+    assert event["bytes"] == len(proc.stdout)
+
+
+def test_list_apps(instance):
+    proc = peer_shell(instance, "list-apps")
+    assert proc.returncode == 0, proc.stderr
+    reply = json.loads(proc.stdout)
+    assert reply["peer"] == "alpha"
+    assert reply["apps"] == [{"slug": name, "size_kb": archive_size(instance.apps_dir / name) // 1024}
+                             for name in ("myapp", "other")]
+    assert reply["domain"] is None
+    assert events(instance)[-1]["verb"] == "list-apps"
+
+
+def test_stream_app_round_trips(instance, tmp_path):
+    proc = peer_shell(instance, "stream-app myapp")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == b""
+    dest = tmp_path / "x"
+    dest.mkdir()
+    subprocess.run(["tar", "-x", "-f", "-", "-C", str(dest)], input=proc.stdout, check=True,
+                   env={"PATH": "/usr/bin:/bin"})
+    app = instance.apps_dir / "myapp"
+    assert (dest / "data" / "blob").read_bytes() == (app / "data" / "blob").read_bytes()
+    assert (dest / "compose.yaml").read_text() == "services: {}\n"
+    assert os.readlink(dest / "link") == "data/blob"
+    event = events(instance)[-1]
+    assert (event["verb"], event["slug"], event["outcome"], event["bytes"]) == (
+        "stream-app", "myapp", "ok", len(proc.stdout))
+
+
+REFUSED = [
+    (None, "refused", 42),
+    ("", "refused", 42),
+    ("sh", "refused", 42),
+    ("/bin/sh -c id", "refused", 42),
+    ("internal-sftp", "refused", 42),
+    ("scp -f /etc/passwd", "refused", 42),
+    ("ping;id", "refused", 42),
+    ("ping\nid", "refused", 42),
+    ("ping ", "refused", 42),
+    ("pіng", "refused", 42),
+    ("stream-app myapp extra", "refused", 42),
+    ("x" * 5000, "refused", 42),
+    ("stream-app ../x", "bad-slug", 51),
+    ("stream-app -rf", "bad-slug", 51),
+    ("stream-app Hidden", "bad-slug", 51),
+    ("stream-app missing", "no-such-app", 50),
+]
+
+
+@pytest.mark.parametrize("command,code,status", REFUSED)
+def test_refused_requests(instance, command, code, status):
+    before = len(events(instance))
+    proc = peer_shell(instance, command)
+    assert proc.returncode == status
+    assert proc.stdout == b""
+    assert proc.stderr.count(b"\n") == 1
+    assert json.loads(proc.stderr) == {"ok": False, "error": code}
+    new = events(instance)[before:]
+    assert len(new) == 1
+    assert new[0]["outcome"] == code and new[0]["peer"] == "beta"
+    if code != "no-such-app":  # refused before a request exists: the raw command is logged, bounded
+        assert new[0]["command"] == audit.clean(command)
+
+
+def test_unpaired_peer_is_refused(instance):
+    before = len(events(instance))
+    proc = peer_shell(instance, "ping", "--config", str(instance.path), "gamma")
+    assert proc.returncode == 42 and proc.stdout == b""
+    assert json.loads(proc.stderr) == {"ok": False, "error": "refused"}
+    (event,) = events(instance)[before:]
+    assert event["peer"] == "gamma" and event["outcome"] == "refused"
+
+
+def test_key_line_without_row_is_refused(tmp_path):
+    alpha = make_instance(tmp_path / "alpha", "alpha")
+    beta = make_instance(tmp_path / "beta", "beta")
+    pairing.pair(alpha, pairing.our_token(beta)[0])
+    assert peer_shell(alpha, "ping").returncode == 0
+    with PeerStore(alpha.db_path) as store:
+        store.delete("beta")
+    proc = peer_shell(alpha, "ping")
+    assert proc.returncode == 42 and proc.stdout == b""
+    assert json.loads(proc.stderr) == {"ok": False, "error": "refused"}
+
+
+@pytest.mark.parametrize("argv", [
+    [],
+    ["beta"],
+    ["--config", "beta"],
+    ["--config", "relative/config.yaml", "beta"],
+    ["--config", "{cfg}", "Beta"],
+    ["--config", "{cfg}", "-beta"],
+    ["--config", "{cfg}", "../beta"],
+    ["--config", "{cfg}", "beta", "extra"],
+    ["--conf", "{cfg}", "beta"],
+    ["-c", "ping"],
+])
+def test_bad_forced_command_arguments_are_refused(instance, argv):
+    before = len(events(instance))
+    args = [a.replace("{cfg}", str(instance.path)) for a in argv]
+    proc = subprocess.run([str(PEER_SHELL), *args], capture_output=True, timeout=60,
+                          env={"PATH": "/usr/bin:/bin", "SSH_ORIGINAL_COMMAND": "ping"})
+    assert proc.returncode == 42
+    assert proc.stdout == b""
+    assert proc.stderr == b'{"ok": false, "error": "refused"}\n'
+    assert len(events(instance)) == before
+
+
+@pytest.mark.parametrize("config_text", [None, "name: [unclosed\n", "colour: red\n", "ssh:\n  port: '22'\n"])
+def test_config_problems_are_not_disclosed(tmp_path, config_text):
+    cfg_path = tmp_path / "secret-dir" / "config.yaml"
+    if config_text is not None:
+        cfg_path.parent.mkdir()
+        cfg_path.write_text(config_text)
+    proc = subprocess.run([str(PEER_SHELL), "--config", str(cfg_path), "beta"], capture_output=True, timeout=60,
+                          env={"PATH": "/usr/bin:/bin", "SSH_ORIGINAL_COMMAND": "ping"})
+    assert proc.returncode != 0
+    assert proc.stdout == b""
+    assert proc.stderr == b'{"ok": false, "error": "refused"}\n'
+
+
+def test_stderr_never_contains_paths(instance):
+    for command in ("stream-app missing", "stream-app ../../etc", "nope", "ping"):
+        for peer in ("beta", "gamma"):
+            proc = peer_shell(instance, command, "--config", str(instance.path), peer)
+            for secret in (str(instance.path), str(instance.apps_dir), str(instance.state_dir), "config", "/"):
+                assert secret.encode() not in proc.stderr
+
+
+def test_hostile_command_leaves_one_ascii_audit_line(instance):
+    before = instance.audit_log.read_bytes()
+    proc = peer_shell(instance, 'x\n{"forged":1}\x1b[2J')
+    assert proc.returncode == 42
+    new = instance.audit_log.read_bytes()[len(before):]
+    assert new.count(b"\n") == 1 and new.isascii()
+    assert "forged" not in json.loads(new)
+
+
+def test_version_and_help():
+    proc = subprocess.run([str(PEER_SHELL), "--version"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stdout == f"peer-shell {__version__}\n"
+    proc = subprocess.run([str(PEER_SHELL), "--help"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stdout.startswith("usage: peer-shell")

@@ -1,0 +1,148 @@
+"""peerkit.state: migrations, the peers table, and read-only opens."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import stat
+from pathlib import Path
+
+import pytest
+
+from peerkit.errors import StateError
+from peerkit.state import KIND_DIRECT, Peer, PeerStore
+
+
+@pytest.fixture
+def db(tmp_path) -> Path:
+    return tmp_path / "state" / "peers.db"
+
+
+def _versions(db: Path) -> list[int]:
+    with sqlite3.connect(db) as conn:
+        return [r[0] for r in conn.execute("SELECT version FROM schema_migrations ORDER BY version")]
+
+
+def test_first_open_creates_db_with_schema_version_1(db):
+    with PeerStore(db) as store:
+        assert store.schema_version() == 1
+    assert _versions(db) == [1]
+    with sqlite3.connect(db) as conn:
+        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    assert {"schema_migrations", "peers"} <= tables
+    assert stat.S_IMODE(db.stat().st_mode) == 0o600
+    assert stat.S_IMODE(db.parent.stat().st_mode) == 0o700
+
+
+def test_reopening_does_not_reapply_migrations(db):
+    with PeerStore(db) as store:
+        store.put(Peer("beta", config={"host": "b.example"}))
+    with sqlite3.connect(db) as conn:
+        applied_at = conn.execute("SELECT applied_at FROM schema_migrations").fetchall()
+    for _ in range(3):
+        with PeerStore(db) as store:
+            assert store.schema_version() == 1
+            assert store.get("beta").config == {"host": "b.example"}
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("SELECT applied_at FROM schema_migrations").fetchall() == applied_at
+
+
+def test_newer_schema_is_refused_and_left_alone(db):
+    PeerStore(db).close()
+    with sqlite3.connect(db) as conn:
+        conn.execute("INSERT INTO schema_migrations VALUES (2, '2099-01-01T00:00:00+00:00')")
+    before = db.read_bytes()
+    with pytest.raises(StateError) as info:
+        PeerStore(db)
+    assert "schema version 2" in info.value.message
+    assert info.value.exit_code == 12
+    assert _versions(db) == [1, 2]
+    assert db.read_bytes() == before
+
+
+def test_not_a_database_is_a_state_error(tmp_path):
+    bad = tmp_path / "peers.db"
+    bad.write_bytes(b"this is not sqlite" * 100)
+    with pytest.raises(StateError):
+        PeerStore(bad)
+
+
+def test_put_get_all_delete(db):
+    with PeerStore(db) as store:
+        assert store.get("beta") is None
+        assert store.all() == []
+        beta = Peer("beta", config={"host": "b.example", "port": 22, "list": [1, "x"]})
+        store.put(beta)
+        store.put(Peer("alpha", config={"host": "a.example"}))
+        got = store.get("beta")
+        assert got == beta
+        assert got.kind == KIND_DIRECT and got.status == "new" and got.last_seen is None
+        assert [p.name for p in store.all()] == ["alpha", "beta"]
+        assert store.delete("beta") is True
+        assert store.delete("beta") is False
+        assert store.get("beta") is None
+        assert [p.name for p in store.all()] == ["alpha"]
+    # Persisted across connections.
+    with PeerStore(db) as store:
+        assert [p.name for p in store.all()] == ["alpha"]
+
+
+def test_put_replaces_but_keeps_created_at(db):
+    with PeerStore(db) as store:
+        store.put(Peer("beta", config={"v": 1}, created_at="2020-01-01T00:00:00+00:00"))
+        store.put(Peer("beta", config={"v": 2}, status="ok", created_at="2030-01-01T00:00:00+00:00"))
+        got = store.get("beta")
+        assert (got.config, got.status, got.created_at) == ({"v": 2}, "ok", "2020-01-01T00:00:00+00:00")
+        assert len(store.all()) == 1
+
+
+def test_set_status(db):
+    with PeerStore(db) as store:
+        store.put(Peer("beta"))
+        store.set_status("beta", "unreachable", seen=False)
+        got = store.get("beta")
+        assert (got.status, got.last_seen) == ("unreachable", None)
+        store.set_status("beta", "ok", seen=True)
+        got = store.get("beta")
+        assert got.status == "ok" and got.last_seen is not None and got.last_seen.startswith("20")
+        store.set_status("nobody", "ok", seen=True)  # no row, no error, no new row
+        assert [p.name for p in store.all()] == ["beta"]
+
+
+def test_to_json_flattens_config():
+    peer = Peer("beta", config={"host": "h", "port": 2}, created_at="t")
+    assert peer.to_json() == {"name": "beta", "kind": KIND_DIRECT, "host": "h", "port": 2, "status": "new",
+                              "last_seen": None, "created_at": "t"}
+
+
+@pytest.mark.parametrize("dirname", ["state", "a#b", "c?d", "e%20f", "sp ace"])
+def test_readonly_open_of_missing_db_raises_and_creates_nothing(tmp_path, dirname):
+    d = tmp_path / "ro" / dirname
+    d.mkdir(parents=True)
+    with pytest.raises(StateError):
+        PeerStore(d / "peers.db", readonly=True)
+    assert os.listdir(tmp_path / "ro") == [dirname]
+    assert os.listdir(d) == []
+
+
+@pytest.mark.parametrize("dirname", ["state", "a#b", "c?d", "e%20f"])
+def test_readonly_open_reads_and_cannot_write(tmp_path, dirname):
+    path = tmp_path / dirname / "peers.db"
+    with PeerStore(path) as store:
+        store.put(Peer("beta"))
+    before = path.read_bytes()
+    with PeerStore(path, readonly=True) as store:
+        assert store.get("beta").name == "beta"
+        with pytest.raises(sqlite3.OperationalError):
+            store.put(Peer("gamma"))
+    assert path.read_bytes() == before
+
+
+def test_readonly_open_does_not_migrate(tmp_path):
+    path = tmp_path / "empty.db"
+    sqlite3.connect(path).close()  # an existing, empty database
+    with PeerStore(path, readonly=True) as store:
+        with pytest.raises(sqlite3.OperationalError):
+            store.schema_version()
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0] == 0

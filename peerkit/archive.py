@@ -24,11 +24,12 @@ from __future__ import annotations
 import errno
 import os
 import re
+import stat
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import BinaryIO
 
-from peerkit.errors import PeerkitError, TransferIncomplete, UnsafeArchive
+from .errors import PeerkitError, TransferIncomplete, UnsafeArchive
 
 __all__ = ["ExtractStats", "TarExtractor", "extract_fileobj"]
 
@@ -798,3 +799,40 @@ def extract_fileobj(fileobj: BinaryIO, dest: str | os.PathLike, *, max_bytes: in
     except BaseException:
         ex.abort()
         raise
+
+
+def check_tree(root: str | os.PathLike) -> ExtractStats:
+    """Apply the archive rules to a tree another tool (rsync) wrote into staging.
+
+    The same policy as extraction: only regular files, directories and
+    symlinks whose targets stay inside, no setuid/setgid bits.  Links are
+    never followed.
+    """
+    stats = ExtractStats()
+    stack: list[tuple[str, tuple[bytes, ...]]] = [(os.fspath(root), ())]
+    while stack:
+        top, comps = stack.pop()
+        with os.scandir(top) as it:
+            for entry in it:
+                st = entry.stat(follow_symlinks=False)
+                name = os.fsencode(entry.name)
+                shown = _show(b"/".join(comps + (name,)))
+                # setuid/setgid programs from a peer would run with its chosen owner
+                if st.st_mode & (stat.S_ISUID | stat.S_ISGID):
+                    raise UnsafeArchive(f"setuid or setgid bit on {shown}")
+                if stat.S_ISDIR(st.st_mode):
+                    stats.dirs += 1
+                    # deep nesting: the same bound as for archives
+                    if len(comps) + 1 > MAX_DEPTH:
+                        raise UnsafeArchive(f"more than {MAX_DEPTH} levels at {shown}")
+                    stack.append((entry.path, comps + (name,)))
+                elif stat.S_ISREG(st.st_mode):
+                    stats.files += 1
+                    stats.content_bytes += st.st_size
+                elif stat.S_ISLNK(st.st_mode):
+                    stats.symlinks += 1
+                    _check_symlink_target(os.fsencode(os.readlink(entry.path)), comps, name)
+                else:
+                    # devices, FIFOs and sockets have no place in an app copy
+                    raise UnsafeArchive(f"special file {shown}")
+    return stats

@@ -58,3 +58,20 @@ def read_events(log_path: Path) -> list[dict[str, Any]]:
     except FileNotFoundError:
         pass
     return events
+
+
+def query(log_path: Path, *, peer: str | None = None, since: datetime | None = None) -> list[dict[str, Any]]:
+    """Return the events of ``peer`` (or everyone) at or after ``since``, oldest first."""
+    out = []
+    for event in read_events(log_path):
+        if peer is not None and event.get("peer") != peer:
+            continue
+        if since is not None:
+            try:
+                when = datetime.fromisoformat(str(event.get("time")))
+            except ValueError:
+                continue
+            if when < since:
+                continue
+        out.append(event)
+    return out

@@ -12,12 +12,14 @@ import asyncio
 import json
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 import asyncssh
 
 from .config import Config
-from .errors import (BadSlug, HostKeyMismatch, NoSuchApp, NoSuchPeer, PeerkitError, PeerRefused,
+from .errors import (AppBusy, BackupFailed, BadSlug, HookFailed, HostKeyMismatch, IdentityError, NoSpace,
+                     TransferIncomplete, UnsafeArchive, NoSuchApp, NoSuchPeer, PeerkitError, PeerRefused,
                      PeerUnreachable, ProtocolError)
 from .state import Peer, PeerStore
 
@@ -29,7 +31,12 @@ MAX_STDERR = 64 << 10
 # A peer that keeps the connection open but stops sending is cut off.
 IDLE_TIMEOUT = 120.0
 # Remote error codes we map to local errors; anything else is "refused".
-_REMOTE_ERRORS: dict[str, type[PeerkitError]] = {"bad-slug": BadSlug, "no-such-app": NoSuchApp}
+_REMOTE_ERRORS: dict[str, type[PeerkitError]] = {
+    "bad-slug": BadSlug, "no-such-app": NoSuchApp,
+    # What a receiving peer reports about a push.
+    "busy": AppBusy, "unsafe-archive": UnsafeArchive, "transfer-incomplete": TransferIncomplete,
+    "hook-failed": HookFailed, "backup-failed": BackupFailed, "no-space": NoSpace,
+}
 
 
 def _cpu_has_aes() -> bool:
@@ -135,6 +142,8 @@ class PeerConnection:
     def __init__(self, conn: asyncssh.SSHClientConnection, peer: Peer) -> None:
         self.conn = conn
         self.peer = peer
+        # What the peer's peer-shell offers beyond the seed's verbs (from ping).
+        self.features: frozenset[str] = frozenset()
 
     async def close(self) -> None:
         self.conn.close()
@@ -202,23 +211,41 @@ def raise_remote(peer: str, result: StreamResult) -> None:
     raise cls(f"{peer} answered {code} (exit status {result.exit_status})")
 
 
+def host_key_algs(recorded: asyncssh.SSHKey | None) -> str | list[str]:
+    """Return the host key algorithms to offer: the recorded key's first, then every other.
+
+    Offering only the recorded key's type (asyncssh's default with a trusted
+    key) makes a peer that no longer has a key of that type fail the key
+    exchange, which would read as "unreachable" instead of a host key mismatch.
+    """
+    if recorded is None:
+        return "default"
+    from asyncssh.public_key import get_default_public_key_algs
+
+    own = [alg.decode("ascii") for alg in recorded.sig_algorithms]
+    return own + [alg.decode("ascii") for alg in get_default_public_key_algs() if alg.decode("ascii") not in own]
+
+
 async def connect(cfg: Config, peer: Peer, store: PeerStore | None = None,
-                  *, notes: Callable[[str], None] | None = None) -> PeerConnection:
-    """Open an authenticated, host-key-pinned connection to ``peer``."""
+                  *, notes: Callable[[str], None] | None = None,
+                  identity: Path | None = None) -> PeerConnection:
+    """Open an authenticated, host-key-pinned connection to ``peer`` (with our identity, or ``identity``)."""
     pc = peer.config
     recorded = pc.get("host_key")
     trusted = [asyncssh.import_public_key(recorded)] if recorded else []
     client = _PinningClient(set(pc.get("host_key_fingerprints") or ()), bool(recorded))
+    key_path = identity or cfg.ssh.identity
     try:
-        identity = asyncssh.read_private_key(str(cfg.ssh.identity))
+        client_key = asyncssh.read_private_key(str(key_path))
     except (OSError, asyncssh.KeyImportError) as exc:
-        raise PeerkitError(f"cannot read identity {cfg.ssh.identity}: {exc}") from None
+        raise IdentityError(f"cannot read {key_path}: {exc}") from None
     try:
         conn = await asyncssh.connect(
             pc["host"], pc["port"], username=pc["user"],
             client_factory=lambda: client,
             known_hosts=(trusted, [], []),
-            client_keys=[identity], agent_path=None, agent_forwarding=False,
+            server_host_key_algs=host_key_algs(trusted[0] if trusted else None),
+            client_keys=[client_key], agent_path=None, agent_forwarding=False,
             password_auth=False, kbdint_auth=False, gss_auth=False, gss_kex=False,
             host_based_auth=False, preferred_auth="publickey",
             config=None, x509_trusted_certs=None,
@@ -250,6 +277,10 @@ async def ping(conn: PeerConnection) -> dict[str, Any]:
     reply = await conn.call_json("ping")
     if reply.get("ok") is not True:
         raise ProtocolError(f"{conn.peer.name}: unexpected ping reply")
+    features = reply.get("features")
+    # Shell peers send no feature list: they get the seed's tar stream only.
+    if isinstance(features, list):
+        conn.features = frozenset(f for f in features if isinstance(f, str) and len(f) < 32)
     return reply
 
 

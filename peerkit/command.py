@@ -2,26 +2,41 @@
 
 The remote side controls every byte of the command, so the parser accepts
 only the exact allowed forms: single spaces between words, printable ASCII,
-a whitelisted verb, the exact number of arguments, and arguments that match
-their grammar.  There is no quoting, no escaping and no shell: what does not
-match is refused.
+a whitelisted verb, its exact positional arguments, and only the flags that
+verb knows, each at most once, all matching their grammar.  There is no
+quoting, no escaping and no shell: what does not match is refused.
+
+    ping
+    list-apps
+    stream-app <slug> [--zstd]
+    receive-app <slug> [--zstd] [--keep-urls] [--no-pre-backup] [--domain <domain>]
+    replace-key <base64 ed25519 key>
+    rsync --server [--sender] -<flags>e.<caps> [--delete] [--numeric-ids] . <slug>/
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 
 from . import grammar
 from .errors import BadSlug, PeerRefused
+from .rsyncargs import RsyncRequest, parse_rsync
 
 MAX_COMMAND = 256
 
-# verb -> names of its positional arguments, each validated below.
-VERBS: dict[str, tuple[str, ...]] = {
-    "ping": (),
-    "list-apps": (),
-    "stream-app": ("slug",),
+# verb -> (names of its positional arguments, its flags, the flags taking a value)
+VERBS: dict[str, tuple[tuple[str, ...], frozenset[str], frozenset[str]]] = {
+    "ping": ((), frozenset(), frozenset()),
+    "list-apps": ((), frozenset(), frozenset()),
+    "stream-app": (("slug",), frozenset({"--zstd"}), frozenset()),
+    "receive-app": (("slug",), frozenset({"--zstd", "--keep-urls", "--no-pre-backup"}),
+                    frozenset({"--domain"})),
+    # Key rotation: the caller, authenticated by its current key, names its
+    # next key (base64 of an ed25519 public key blob).
+    "replace-key": (("key",), frozenset(), frozenset()),
 }
+_KEY_B64 = re.compile(r"[A-Za-z0-9+/]{68}", re.ASCII)
 
 
 @dataclass(frozen=True)
@@ -30,6 +45,15 @@ class Request:
 
     verb: str
     slug: str | None = None
+    key: str | None = None
+    flags: frozenset[str] = frozenset()
+    domain: str | None = None
+    rsync: RsyncRequest | None = None
+    words: tuple[str, ...] = field(default=(), compare=False)
+
+    def canonical(self) -> str:
+        """Return the command text this request was parsed from."""
+        return " ".join(self.words)
 
 
 def parse_command(text: str | None) -> Request:
@@ -50,19 +74,50 @@ def parse_command(text: str | None) -> Request:
     if any(not word for word in words):
         raise PeerRefused("empty word")
     verb, args = words[0], words[1:]
-    # Whitelisted verbs only; everything else (shells, sftp, scp, rsync,
-    # anything with metacharacters glued on) is refused.
+    if verb == "rsync":
+        rsync = parse_rsync(words)
+        return Request("rsync", slug=rsync.slug, rsync=rsync, words=tuple(words))
+    # Whitelisted verbs only; everything else (shells, sftp, scp, anything
+    # with metacharacters glued on) is refused.
     if verb not in VERBS:
         raise PeerRefused("unknown verb")
-    # Exact arity: stops option smuggling through extra arguments such as
-    # `stream-app app --to-command=...` or `ping -x`.
-    if len(args) != len(VERBS[verb]):
-        raise PeerRefused("wrong number of arguments")
-    if verb == "stream-app":
-        slug = args[0]
+    positional, flags, valued = VERBS[verb]
+    # Exact arity for positionals: stops option smuggling in their place
+    # (`stream-app --to-command=x`, `ping -x`).
+    if len(args) < len(positional):
+        raise PeerRefused("missing argument")
+    values, rest = args[:len(positional)], args[len(positional):]
+    seen: set[str] = set()
+    domain = None
+    i = 0
+    while i < len(rest):
+        word = rest[i]
+        # Only this verb's own flags, each once; anything else is refused.
+        if word in seen or word not in flags | valued:
+            raise PeerRefused("unexpected argument")
+        seen.add(word)
+        if word in valued:
+            if i + 1 >= len(rest):
+                raise PeerRefused("missing flag value")
+            domain = rest[i + 1]
+            # A peer-supplied domain ends up in rewritten config files: DNS
+            # names only.
+            if "." not in domain or ":" in domain or not grammar.is_host(domain):
+                raise PeerRefused("bad domain")
+            i += 1
+        i += 1
+    slug = key = None
+    if "slug" in positional:
+        slug = values[0]
         # The slug names a directory: the grammar excludes '/', '..', leading
         # '-' (option injection) and every shell metacharacter.
         if not grammar.is_slug(slug):
             raise BadSlug("slug out of grammar")
-        return Request(verb, slug)
-    return Request(verb)
+    if "key" in positional:
+        # Exactly the length of an ed25519 key blob in base64: anything else
+        # (options, padding games, other key types) is refused here.
+        if not _KEY_B64.fullmatch(values[0]):
+            raise PeerRefused("malformed key")
+        key = values[0]
+    return Request(verb, slug=slug, key=key, flags=frozenset(seen - {"--domain"}), domain=domain,
+                   words=tuple(words))

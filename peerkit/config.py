@@ -51,6 +51,8 @@ class HookSettings:
     stop: tuple[tuple[str, ...], ...] | None = None
     start: tuple[tuple[str, ...], ...] | None = None
     post_restore: tuple[tuple[str, ...], ...] = ()
+    pre_stream: tuple[tuple[str, ...], ...] = ()
+    post_stream: tuple[tuple[str, ...], ...] = ()
     pre_backup: str = "tar"
     timeout: int = 600
 
@@ -72,6 +74,8 @@ class Config:
     restic_password_file: Path | None = None
     url_rewrite_globs: tuple[str, ...] = ()
     max_app_bytes: int = 1 << 40
+    sender_may_skip_backup: bool = False
+    link_mbps: int | None = None
     raw: dict = field(repr=False, compare=False, default_factory=dict)
 
     @property
@@ -250,6 +254,16 @@ def _want_positive_int(key: str, value: Any, path: Path) -> int:
     return value
 
 
+def _want_bool(key: str, value: Any, path: Path) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{path}: key '{key}' must be true or false")
+    return value
+
+
+def _want_optional_positive_int(key: str, value: Any, path: Path) -> int | None:
+    return None if value is None else _want_positive_int(key, value, path)
+
+
 def _want_command(key: str, value: Any, path: Path) -> tuple[str, ...]:
     if not isinstance(value, list) or not value or not all(isinstance(a, str) and a for a in value):
         raise ConfigError(f"{path}: key '{key}' must be a command as a list of non-empty strings")
@@ -313,6 +327,10 @@ _SCHEMA: dict[str, Any] = {
         "stop": (_want_hook, lambda: "auto"),
         "start": (_want_hook, lambda: "auto"),
         "post_restore": (_want_hook, lambda: []),
+        # Run by peer-shell around stream-app and rsync sends (the source
+        # owner's choice, e.g. pause a container or dump a database).
+        "pre_stream": (_want_hook, lambda: []),
+        "post_stream": (_want_hook, lambda: []),
         "pre_backup": (_want_choice("tar", "restic"), lambda: "tar"),
         "timeout": (_want_positive_int, lambda: 600),
     },
@@ -322,6 +340,15 @@ _SCHEMA: dict[str, Any] = {
     },
     "url_rewrite": {
         "globs": (_want_glob_list, lambda: list(DEFAULT_REWRITE_GLOBS)),
+    },
+    "receive": {
+        # Whether a pushing peer's --no-pre-backup is honoured; by default
+        # every push is backed up first, whatever the sender asks.
+        "sender_may_skip_backup": (_want_bool, lambda: False),
+    },
+    "transfer": {
+        # Link speed for --compress auto; null means measured per peer.
+        "link_mbps": (_want_optional_positive_int, lambda: None),
     },
     "limits": {
         # The hard cap on what a peer may send for one app, whatever it advertises.
@@ -363,4 +390,5 @@ def _validate(data: dict, path: Path) -> Config:
         ssh=SSHSettings(**v["ssh"]), hooks=HookSettings(**v["hooks"]),
         restic_repository=v["restic"]["repository"], restic_password_file=v["restic"]["password_file"],
         url_rewrite_globs=v["url_rewrite"]["globs"], max_app_bytes=v["limits"]["max_app_bytes"],
+        sender_may_skip_backup=v["receive"]["sender_may_skip_backup"], link_mbps=v["transfer"]["link_mbps"],
         raw=data)

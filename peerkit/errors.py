@@ -75,6 +75,13 @@ class Busy(PeerkitError):
     exit_code = 15
 
 
+class ProblemsFound(PeerkitError):
+    """peerkit doctor found problems."""
+
+    code = "problems-found"
+    exit_code = 16
+
+
 # -- pairing tokens (20-29) -----------------------------------------------
 
 class TokenError(PeerkitError):
@@ -154,6 +161,13 @@ class SelfPairing(PeerkitError):
 
     code = "self-pairing"
     exit_code = 34
+
+
+class BadPermission(PeerkitError):
+    """The permission change is not valid."""
+
+    code = "bad-permission"
+    exit_code = 35
 
 
 # -- talking to a peer (40-49) --------------------------------------------

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from datetime import timedelta
 
 # Peer names and app slugs share one grammar: lowercase, digits and '-',
 # no leading '-' (so never an option), at most 63 characters.
@@ -18,6 +19,8 @@ _NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,62}", re.ASCII)
 _USER = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,31}", re.ASCII)
 _LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?", re.ASCII)
 _PORT = re.compile(r"[1-9][0-9]{0,4}", re.ASCII)
+_DURATION = re.compile(r"([1-9][0-9]{0,5})([mhdw])", re.ASCII)
+_UNITS = {"m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
 
 
 def is_name(text: str) -> bool:
@@ -65,3 +68,11 @@ def name_from_hostname(hostname: str) -> str:
     label = hostname.split(".")[0].lower()
     cleaned = re.sub(r"[^a-z0-9-]+", "-", label, flags=re.ASCII).strip("-")[:63]
     return cleaned if is_name(cleaned) else "peerkit"
+
+
+def parse_duration(text: str) -> timedelta | None:
+    """Return the span in ``text`` such as ``30m``, ``12h``, ``7d`` or ``2w``, or None."""
+    match = _DURATION.fullmatch(text) if isinstance(text, str) else None
+    if match is None:
+        return None
+    return timedelta(**{_UNITS[match.group(2)]: int(match.group(1))})

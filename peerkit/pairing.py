@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from typing import Any
 
 from . import authkeys, grammar
@@ -11,7 +12,7 @@ from .config import Config, locate, read_config, write_default_config
 from .errors import (AuthorizedKeysError, BadName, ConfigError, KeyInUse, NoSuchPeer,
                      PeerExists, SelfPairing)
 from .identity import ensure_identity, read_identity
-from .keys import PublicKey, host_key_fingerprint
+from .keys import PublicKey, host_key_fingerprint, parse_public_key
 from .state import KIND_DIRECT, Peer, PeerStore
 from .token import Token, emit_token, parse_token
 
@@ -78,7 +79,42 @@ def _check_peer_shell(cfg: Config) -> None:
         raise ConfigError(f"{cfg.path}: peer_shell {cfg.peer_shell} is not an executable file")
 
 
-def pair(cfg: Config, token_text: str, name: str | None = None, *, replace: bool = False) -> PairResult:
+def peer_line(cfg: Config, peer: Peer) -> str:
+    """Return ``peer``'s authorized_keys line from its record (key, from=, expiry)."""
+    key = parse_public_key(peer.config["key"])
+    options = []
+    sources = peer.permissions.get("from") or []
+    if sources:
+        # sshd refuses the key from any other source address.
+        options.append(f'from="{",".join(sources)}"')
+    if peer.expires_at:
+        # sshd refuses the key after this time, even if peerkit is not running.
+        stamp = datetime.fromisoformat(peer.expires_at).astimezone(timezone.utc)
+        options.append(f'expiry-time="{stamp.strftime("%Y%m%d%H%M%S")}Z"')
+    return authkeys.render_line(peer.name, key, cfg.peer_shell, cfg.path, tuple(options))
+
+
+def save_peer(cfg: Config, store: PeerStore, keys: authkeys.AuthorizedKeys, peer: Peer,
+              previous: Peer | None) -> str:
+    """Write ``peer``'s row and key line together (caller holds the authorized_keys lock)."""
+    line = peer_line(cfg, peer)
+    store.put(peer)
+    outcome = keys.set_peer(peer.name, line)
+    try:
+        if outcome != "unchanged":
+            authkeys.write_authorized_keys(cfg.ssh.authorized_keys, keys)
+    except BaseException:
+        # Leave no row that claims something the key file does not say.
+        if previous is None:
+            store.delete(peer.name)
+        else:
+            store.put(previous)
+        raise
+    return outcome
+
+
+def pair(cfg: Config, token_text: str, name: str | None = None, *, replace: bool = False,
+         expires_at: datetime | None = None) -> PairResult:
     """Authorize the key in ``token_text`` to run peer-shell as peer ``name``."""
     token = parse_token(token_text)
     peer_name = name or token.name
@@ -90,35 +126,32 @@ def pair(cfg: Config, token_text: str, name: str | None = None, *, replace: bool
     if ours.blob == token.key.blob:
         raise SelfPairing()
     _check_peer_shell(cfg)
-    line = authkeys.render_line(peer_name, token.key, cfg.peer_shell, cfg.path)
     peer_config = {
         "host": token.host, "port": token.port, "user": token.user,
         "fingerprint": token.fingerprint, "key": token.key.line(),
         "host_key_fingerprints": list(token.host_key_fingerprints),
         "token_version": token.version, "remote_name": token.name,
     }
-    ak_path = cfg.ssh.authorized_keys
-    with authkeys.lock(ak_path), PeerStore(cfg.db_path) as store:
-        keys = authkeys.read_authorized_keys(ak_path)
+    with authkeys.lock(cfg.ssh.authorized_keys), PeerStore(cfg.db_path) as store:
+        keys = authkeys.read_authorized_keys(cfg.ssh.authorized_keys)
         _check_conflicts(keys, store, peer_name, token.key, replace)
         existing = store.get(peer_name)
-        peer = Peer(peer_name, KIND_DIRECT, peer_config)
+        peer = Peer(peer_name, KIND_DIRECT, peer_config,
+                    expires_at=expires_at.isoformat(timespec="seconds") if expires_at else None)
         if existing is not None:
             peer.created_at = existing.created_at
+            # Re-pairing keeps what the operator granted; a new key starts over.
             if existing.config.get("fingerprint") == token.fingerprint:
                 peer.status, peer.last_seen = existing.status, existing.last_seen
-        store.put(peer)
-        outcome = keys.set_peer(peer_name, line)
-        try:
-            if outcome != "unchanged":
-                authkeys.write_authorized_keys(ak_path, keys)
-        except BaseException:
-            # Leave no row that claims a pairing the key file does not have.
-            if existing is None:
-                store.delete(peer_name)
-            else:
-                store.put(existing)
-            raise
+                peer.permissions = existing.permissions
+                recorded = existing.config.get("host_key")
+                # The host key seen earlier stays pinned unless the new token
+                # pins other keys (the peer re-keyed its sshd).
+                if recorded and existing.config.get("host") == token.host and (
+                        not token.host_key_fingerprints
+                        or host_key_fingerprint(recorded) in token.host_key_fingerprints):
+                    peer.config["host_key"] = recorded
+        outcome = save_peer(cfg, store, keys, peer, existing)
     return PairResult(peer, outcome, token)
 
 

@@ -24,7 +24,10 @@ from .errors import PeerkitError, PeerRefused
 USAGE = "usage: peer-shell --config PATH PEER-NAME  (run by sshd as a forced command)"
 # Codes the remote side may see; anything else is reported as "refused" or
 # "failed" so internal details (paths, config errors) never leave the host.
-_REMOTE_CODES = {"refused", "bad-slug", "no-such-app", "failed"}
+_REMOTE_CODES = {"refused", "bad-slug", "no-such-app", "failed",
+                 # A pushing peer needs to know why its push did not land.
+                 "busy", "unsafe-archive", "transfer-incomplete", "hook-failed", "backup-failed",
+                 "no-space"}
 
 
 def _say(stream: Any, obj: dict) -> None:
@@ -59,10 +62,10 @@ def serve(config_path: str, peer: str, original: str | None, env: dict[str, str]
     try:
         cfg = read_config(config_path)
         request = parse_command(original)
-        event.update(verb=request.verb, slug=request.slug)
-        _require_paired(cfg, peer)
-        sent = _dispatch(cfg, request, stdout_fd)
-        event.update(outcome="ok", bytes=sent)
+        event.update(verb=request.verb, slug=request.slug, bytes=0)
+        row = _require_paired(cfg, peer)
+        _dispatch(cfg, row, request, stdout_fd, event)
+        event.update(outcome="ok")
         status = 0
     except PeerkitError as exc:
         # Before a request is accepted every failure is a refusal; after, a failure.
@@ -73,6 +76,7 @@ def serve(config_path: str, peer: str, original: str | None, env: dict[str, str]
         _say(sys.stderr, {"ok": False, "error": code})
         status = exc.exit_code
     except BrokenPipeError:
+        # The client went away mid-reply; event["bytes"] says how far it got.
         event.update(outcome="disconnected")
         status = 1
     event["duration_ms"] = round((time.monotonic() - started) * 1000, 1)
@@ -86,7 +90,8 @@ def serve(config_path: str, peer: str, original: str | None, env: dict[str, str]
     return status
 
 
-def _require_paired(cfg: Any, peer: str) -> None:
+def _require_paired(cfg: Any, peer: str) -> Any:
+    """Return the caller's peer record; refuse unknown and expired peers."""
     from .state import PeerStore, StateError
 
     # The key line alone is not enough: a line left behind by a crashed
@@ -98,19 +103,52 @@ def _require_paired(cfg: Any, peer: str) -> None:
         row = None
     if row is None:
         raise PeerRefused(f"peer {peer} is not paired")
+    # sshd enforces expiry-time= too; this also covers servers that do not.
+    if row.expired():
+        raise PeerRefused(f"peer {peer} expired at {row.expires_at}")
+    return row
 
 
-def _dispatch(cfg: Any, request: Request, stdout_fd: int) -> int:
-    """Serve a validated request; return the bytes sent."""
+def _dispatch(cfg: Any, peer: Any, request: Request, stdout_fd: int, event: dict[str, Any]) -> None:
+    """Serve a validated request, counting the bytes sent into ``event``."""
+    def sent(n: int) -> None:
+        event["bytes"] += n
+
     if request.verb == "ping":
-        return _reply(stdout_fd, {"ok": True, "peer": cfg.name, "version": __version__})
-    if request.verb == "list-apps":
+        sent(_reply(stdout_fd, {"ok": True, "peer": cfg.name, "version": __version__,
+                                "features": _features()}))
+    elif request.verb == "list-apps":
         from .apps import list_apps
-        return _reply(stdout_fd, {"peer": cfg.name, "apps": list_apps(cfg.apps_dir), "domain": cfg.domain})
-    if request.verb == "stream-app":
-        from .apps import app_path, stream_app
-        return stream_app(app_path(cfg.apps_dir, request.slug), stdout_fd)
-    raise PeerRefused("unknown verb")  # unreachable: the parser whitelists verbs
+        # Only what this peer may pull: the rest does not exist for it.
+        offered = [app for app in list_apps(cfg.apps_dir) if peer.may_see(app["slug"])]
+        sent(_reply(stdout_fd, {"peer": cfg.name, "apps": offered, "domain": cfg.domain}))
+    elif request.verb == "stream-app":
+        from .receive import send_app
+        send_app(cfg, peer, request, stdout_fd, sent, event)
+    elif request.verb == "receive-app":
+        from .receive import receive_app
+        sent(_reply(stdout_fd, receive_app(cfg, peer, request, 0, event)))
+    elif request.verb == "rsync":
+        from .receive import serve_rsync
+        result = serve_rsync(cfg, peer, request, event)
+        if result is not None:
+            # stdout belonged to rsync's protocol: the outcome goes to stderr.
+            _say(sys.stderr, result)
+    elif request.verb == "replace-key":
+        from .rotate import accept_new_key
+        sent(_reply(stdout_fd, accept_new_key(cfg, peer.name, request.key)))
+    else:  # unreachable: the parser whitelists verbs
+        raise PeerRefused("unknown verb")
+
+
+def _features() -> list[str]:
+    """Return what this peer-shell can do beyond the seed's verbs."""
+    import shutil
+
+    tools = {"zstd": "zstd", "rsync": "rsync"}
+    found = [name for name, binary in tools.items()
+             if shutil.which(binary, path="/usr/local/bin:/usr/bin:/bin")]
+    return sorted(["receive-app", "replace-key", *found])
 
 
 def _reply(fd: int, obj: dict) -> int:

@@ -15,9 +15,9 @@ from .errors import StateError
 
 KIND_DIRECT = "direct-ssh-direct"
 
-# Append only: each entry moves the schema one version forward.
-_MIGRATIONS: tuple[str, ...] = (
-    """
+# Append only: each entry (its statements) moves the schema one version forward.
+_MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    ("""
     CREATE TABLE peers (
         name        TEXT PRIMARY KEY,
         kind        TEXT NOT NULL,
@@ -25,9 +25,22 @@ _MIGRATIONS: tuple[str, ...] = (
         status      TEXT NOT NULL DEFAULT 'new',
         last_seen   TEXT,
         created_at  TEXT NOT NULL
-    );
-    """,
+    )
+    """,),
+    # v2: per-peer permissions (enforced by peer-shell) and key expiry.
+    ("ALTER TABLE peers ADD COLUMN permissions_json TEXT NOT NULL DEFAULT '{}'",
+     "ALTER TABLE peers ADD COLUMN expires_at TEXT"),
 )
+SCHEMA_VERSION = len(_MIGRATIONS)
+
+# What a peer may do unless the operator says otherwise: see and pull every
+# app (the seed's behaviour), never push, from any address.
+DEFAULT_PERMISSIONS: dict[str, Any] = {"apps": "all", "deny_apps": [], "push": False, "from": []}
+
+
+def default_permissions() -> dict[str, Any]:
+    """Return a fresh copy of the default permissions (safe to mutate)."""
+    return json.loads(json.dumps(DEFAULT_PERMISSIONS))
 
 
 def now() -> str:
@@ -45,10 +58,30 @@ class Peer:
     status: str = "new"
     last_seen: str | None = None
     created_at: str = field(default_factory=now)
+    permissions: dict[str, Any] = field(default_factory=default_permissions)
+    expires_at: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "kind": self.kind, **self.config, "status": self.status,
-                "last_seen": self.last_seen, "created_at": self.created_at}
+                "last_seen": self.last_seen, "created_at": self.created_at,
+                "permissions": self.permissions, "expires_at": self.expires_at}
+
+    def may_see(self, slug: str) -> bool:
+        """Tell whether this peer may list and pull app ``slug``."""
+        perms = {**default_permissions(), **self.permissions}
+        if slug in perms["deny_apps"]:
+            return False
+        return perms["apps"] == "all" or slug in perms["apps"]
+
+    @property
+    def may_push(self) -> bool:
+        return bool(self.permissions.get("push", False))
+
+    def expired(self, at: datetime | None = None) -> bool:
+        """Tell whether the peer's access has expired."""
+        if not self.expires_at:
+            return False
+        return (at or datetime.now(timezone.utc)) >= datetime.fromisoformat(self.expires_at)
 
 
 class PeerStore:
@@ -95,8 +128,9 @@ class PeerStore:
             if current > len(_MIGRATIONS):
                 raise StateError(f"{self.path} has schema version {current}; "
                                  f"this peerkit knows {len(_MIGRATIONS)}")
-            for version, sql in enumerate(_MIGRATIONS[current:], start=current + 1):
-                self.db.execute(sql)
+            for version, statements in enumerate(_MIGRATIONS[current:], start=current + 1):
+                for sql in statements:
+                    self.db.execute(sql)
                 self.db.execute("INSERT INTO schema_migrations VALUES (?, ?)", (version, now()))
             self.db.execute("COMMIT")
         except BaseException:
@@ -110,36 +144,40 @@ class PeerStore:
         """Return the applied schema version."""
         return self.db.execute("SELECT COALESCE(MAX(version), 0) FROM schema_migrations").fetchone()[0]
 
+    _COLUMNS = "name, kind, config_json, status, last_seen, created_at, permissions_json, expires_at"
+
     @staticmethod
     def _row(row: tuple) -> Peer:
-        name, kind, config_json, status, last_seen, created_at = row
-        return Peer(name, kind, json.loads(config_json), status, last_seen, created_at)
+        name, kind, config_json, status, last_seen, created_at, permissions_json, expires_at = row
+        permissions = {**default_permissions(), **json.loads(permissions_json)}
+        return Peer(name, kind, json.loads(config_json), status, last_seen, created_at,
+                    permissions, expires_at)
 
     def get(self, name: str) -> Peer | None:
         """Return the peer called ``name``, or None."""
         try:
-            row = self.db.execute("SELECT name, kind, config_json, status, last_seen, created_at "
-                                  "FROM peers WHERE name = ?", (name,)).fetchone()
+            row = self.db.execute(f"SELECT {self._COLUMNS} FROM peers WHERE name = ?", (name,)).fetchone()
         except sqlite3.Error as exc:
             raise StateError(f"{self.path}: {exc}") from None
         return self._row(row) if row else None
 
     def all(self) -> list[Peer]:
         """Return every peer, sorted by name."""
-        rows = self.db.execute("SELECT name, kind, config_json, status, last_seen, created_at "
-                               "FROM peers ORDER BY name").fetchall()
+        rows = self.db.execute(f"SELECT {self._COLUMNS} FROM peers ORDER BY name").fetchall()
         return [self._row(r) for r in rows]
 
     def put(self, peer: Peer) -> None:
         """Insert or replace a peer row (keeping its creation time)."""
         with self.db:
             self.db.execute(
-                "INSERT INTO peers (name, kind, config_json, status, last_seen, created_at) "
-                "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(name) DO UPDATE SET kind = excluded.kind, "
+                f"INSERT INTO peers ({self._COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT(name) DO UPDATE SET kind = excluded.kind, "
                 "config_json = excluded.config_json, status = excluded.status, "
-                "last_seen = excluded.last_seen",
+                "last_seen = excluded.last_seen, permissions_json = excluded.permissions_json, "
+                "expires_at = excluded.expires_at",
                 (peer.name, peer.kind, json.dumps(peer.config, sort_keys=True), peer.status,
-                 peer.last_seen, peer.created_at))
+                 peer.last_seen, peer.created_at, json.dumps(peer.permissions, sort_keys=True),
+                 peer.expires_at))
 
     def delete(self, name: str) -> bool:
         """Delete a peer row; return whether it existed."""

@@ -187,8 +187,9 @@ def test_pair_peers_unpair_human(alpha, beta):
     peers = alpha.run("peers")
     assert peers.returncode == 0
     header, row = peers.stdout.splitlines()
-    assert header.split() == ["NAME", "STATUS", "LAST", "SEEN", "ADDRESS", "KEY"]
-    assert row.split()[:4] == ["beta", "new", "never", "peer@beta.example.test:2222"]
+    assert header.split() == ["NAME", "STATUS", "LAST", "SEEN", "ADDRESS", "EXPIRES", "MAY"]
+    assert row.split() == ["beta", "new", "never", "peer@beta.example.test:2222", "never",
+                           "all", "apps;", "no", "push"]
     proc = alpha.run("unpair", "beta")
     assert proc.returncode == 0
     assert proc.stdout == "unpaired beta: its key can no longer log in here\n"

@@ -66,7 +66,9 @@ def test_ping(instance):
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr == b""
     assert proc.stdout.count(b"\n") == 1
-    assert json.loads(proc.stdout) == {"ok": True, "peer": "alpha", "version": __version__}
+    reply = json.loads(proc.stdout)
+    assert reply == {"ok": True, "peer": "alpha", "version": __version__, "features": reply["features"]}
+    assert {"receive-app", "replace-key"} <= set(reply["features"])
     new = events(instance)[before:]
     assert len(new) == 1
     event = new[0]

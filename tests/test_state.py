@@ -5,12 +5,13 @@ from __future__ import annotations
 import os
 import sqlite3
 import stat
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
 
 from peerkit.errors import StateError
-from peerkit.state import KIND_DIRECT, Peer, PeerStore
+from peerkit.state import DEFAULT_PERMISSIONS, KIND_DIRECT, SCHEMA_VERSION, Peer, PeerStore
 
 
 @pytest.fixture
@@ -23,10 +24,10 @@ def _versions(db: Path) -> list[int]:
         return [r[0] for r in conn.execute("SELECT version FROM schema_migrations ORDER BY version")]
 
 
-def test_first_open_creates_db_with_schema_version_1(db):
+def test_first_open_creates_db_at_the_current_schema_version(db):
     with PeerStore(db) as store:
-        assert store.schema_version() == 1
-    assert _versions(db) == [1]
+        assert store.schema_version() == SCHEMA_VERSION == 2
+    assert _versions(db) == [1, 2]
     with sqlite3.connect(db) as conn:
         tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
     assert {"schema_migrations", "peers"} <= tables
@@ -41,7 +42,7 @@ def test_reopening_does_not_reapply_migrations(db):
         applied_at = conn.execute("SELECT applied_at FROM schema_migrations").fetchall()
     for _ in range(3):
         with PeerStore(db) as store:
-            assert store.schema_version() == 1
+            assert store.schema_version() == SCHEMA_VERSION
             assert store.get("beta").config == {"host": "b.example"}
     with sqlite3.connect(db) as conn:
         assert conn.execute("SELECT applied_at FROM schema_migrations").fetchall() == applied_at
@@ -50,13 +51,13 @@ def test_reopening_does_not_reapply_migrations(db):
 def test_newer_schema_is_refused_and_left_alone(db):
     PeerStore(db).close()
     with sqlite3.connect(db) as conn:
-        conn.execute("INSERT INTO schema_migrations VALUES (2, '2099-01-01T00:00:00+00:00')")
+        conn.execute("INSERT INTO schema_migrations VALUES (99, '2099-01-01T00:00:00+00:00')")
     before = db.read_bytes()
     with pytest.raises(StateError) as info:
         PeerStore(db)
-    assert "schema version 2" in info.value.message
+    assert "schema version 99" in info.value.message
     assert info.value.exit_code == 12
-    assert _versions(db) == [1, 2]
+    assert _versions(db) == [1, 2, 99]
     assert db.read_bytes() == before
 
 
@@ -112,7 +113,46 @@ def test_set_status(db):
 def test_to_json_flattens_config():
     peer = Peer("beta", config={"host": "h", "port": 2}, created_at="t")
     assert peer.to_json() == {"name": "beta", "kind": KIND_DIRECT, "host": "h", "port": 2, "status": "new",
-                              "last_seen": None, "created_at": "t"}
+                              "last_seen": None, "created_at": "t", "permissions": DEFAULT_PERMISSIONS,
+                              "expires_at": None}
+
+
+def test_a_version_1_database_is_migrated_keeping_its_peers(db):
+    # The schema as the first release wrote it, with one peer in it.
+    db.parent.mkdir(parents=True)
+    with sqlite3.connect(db) as conn:
+        conn.executescript("""
+            CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, applied_at TEXT NOT NULL);
+            INSERT INTO schema_migrations VALUES (1, '2026-01-01T00:00:00+00:00');
+            CREATE TABLE peers (name TEXT PRIMARY KEY, kind TEXT NOT NULL, config_json TEXT NOT NULL,
+                                status TEXT NOT NULL DEFAULT 'new', last_seen TEXT, created_at TEXT NOT NULL);
+            INSERT INTO peers VALUES ('old', 'direct-ssh-direct', '{"host": "h"}', 'ok', 'x', 'y');
+        """)
+    with PeerStore(db) as store:
+        assert store.schema_version() == 2
+        old = store.get("old")
+    assert (old.config, old.status, old.last_seen, old.created_at) == ({"host": "h"}, "ok", "x", "y")
+    assert old.permissions == DEFAULT_PERMISSIONS and old.expires_at is None
+    assert _versions(db) == [1, 2]
+
+
+def test_permissions_and_expiry_round_trip(db):
+    peer = Peer("beta", permissions={**DEFAULT_PERMISSIONS, "apps": ["wiki"], "deny_apps": ["x"], "push": True},
+                expires_at="2027-01-31T00:00:00+00:00")
+    with PeerStore(db) as store:
+        store.put(peer)
+        got = store.get("beta")
+    assert got.permissions == peer.permissions and got.expires_at == peer.expires_at
+    assert got.may_see("wiki") and not got.may_see("blog") and not got.may_see("x") and got.may_push
+    assert not got.expired(datetime(2027, 1, 30, 23, 59, tzinfo=timezone.utc))
+    assert got.expired(datetime(2027, 1, 31, 0, 0, tzinfo=timezone.utc))
+
+
+def test_default_permissions_see_everything_and_never_push():
+    peer = Peer("beta")
+    assert peer.may_see("anything") and not peer.may_push and not peer.expired()
+    peer.permissions["deny_apps"] = ["secret"]
+    assert not peer.may_see("secret") and peer.may_see("other")
 
 
 @pytest.mark.parametrize("dirname", ["state", "a#b", "c?d", "e%20f", "sp ace"])

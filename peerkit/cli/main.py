@@ -8,7 +8,9 @@ line (``{"ok": false, "error": <code>, "message": …}`` on failure).
 from __future__ import annotations
 
 import json
+import os
 import sys
+import traceback
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -27,10 +29,11 @@ class Context:
     config: str | None = None
     json: bool = False
 
-    def emit(self, result: dict[str, Any], human: str | Callable[[], None] | None = None) -> None:
+    def emit(self, result: dict[str, Any], human: str | Callable[[], None] | None = None,
+             *, ok: bool = True) -> None:
         """Print a command's result as one JSON line, or as text for people."""
         if self.json:
-            click.echo(json.dumps({"ok": True, **result}, ensure_ascii=False))
+            click.echo(json.dumps({"ok": ok, **result}, ensure_ascii=False))
         elif callable(human):
             human()
         elif human:
@@ -75,9 +78,9 @@ def cli(ctx: click.Context) -> None:
 
 
 def _register() -> None:
-    from . import remote_cmds, trust_cmds
+    from . import lifecycle_cmds, remote_cmds, trust_cmds
 
-    for command in trust_cmds.COMMANDS + remote_cmds.COMMANDS:
+    for command in trust_cmds.COMMANDS + remote_cmds.COMMANDS + lifecycle_cmds.COMMANDS:
         cli.add_command(command)
 
 
@@ -118,6 +121,11 @@ def run(argv: list[str]) -> int:
         return _fail(as_json, "usage", exc.format_message(), exc.exit_code)
     except (click.Abort, KeyboardInterrupt):
         return _fail(as_json, "interrupted", "interrupted", 130)
+    except Exception as exc:  # noqa: BLE001 - the last resort: a bug, said plainly
+        if os.environ.get("PEERKIT_DEBUG"):
+            traceback.print_exc()
+        return _fail(as_json, PeerkitError.code, f"internal error: {type(exc).__name__}: {exc} "
+                     "(set PEERKIT_DEBUG=1 for a traceback)", PeerkitError.exit_code)
 
 
 def main() -> None:

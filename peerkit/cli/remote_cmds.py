@@ -66,16 +66,20 @@ def apps(obj: Context, peer: str) -> None:
 Examples:
   peerkit pull beta nextcloud
   peerkit pull beta nextcloud --no-pre-backup --keep-urls
+  peerkit pull beta nextcloud --incremental
   peerkit pull beta nextcloud --json   # progress events, then the result""")
 @click.argument("peer")
 @click.argument("app")
 @click.option("--no-pre-backup", is_flag=True, help="Skip the snapshot of the local app before replacing it.")
 @click.option("--keep-urls", is_flag=True, help="Do not rewrite the peer's domain to ours.")
+@click.option("--incremental", is_flag=True, help="Move only what changed (rsync; falls back to a full copy).")
+@click.option("--compress", type=click.Choice(["auto", "zstd", "none"]), default="auto", show_default=True,
+              help="Compress the stream with zstd (auto: when the link is slower than the CPU).")
 @click.option("--progress/--no-progress", "show_progress", default=None,
               help="Force the progress bar on or off (default: on when stderr is a terminal).")
 @common_options
-def pull(obj: Context, peer: str, app: str, no_pre_backup: bool, keep_urls: bool,
-         show_progress: bool | None) -> None:
+def pull(obj: Context, peer: str, app: str, no_pre_backup: bool, keep_urls: bool, incremental: bool,
+         compress: str, show_progress: bool | None) -> None:
     """Copy APP from PEER into the local apps directory, safely.
 
     The local app changes only by an atomic swap after the whole transfer
@@ -86,8 +90,9 @@ def pull(obj: Context, peer: str, app: str, no_pre_backup: bool, keep_urls: bool
     cfg = read_config(obj.config)
     progress = Progress(as_json=obj.json, show_bar=show_progress)
     try:
-        report = asyncio.run(pull_app(cfg, peer, app, pre_backup=not no_pre_backup,
-                                      keep_urls=keep_urls, progress=progress, note=obj.note))
+        report = asyncio.run(pull_app(cfg, peer, app, pre_backup=not no_pre_backup, keep_urls=keep_urls,
+                                      incremental=incremental, compress=compress, progress=progress,
+                                      note=obj.note))
     except PeerkitError:
         progress.close()
         raise
@@ -107,4 +112,47 @@ def pull(obj: Context, peer: str, app: str, no_pre_backup: bool, keep_urls: bool
     obj.emit({"event": "result", **report.to_json()}, human)
 
 
-COMMANDS = [ping, apps, pull]
+@click.command(epilog="""\b
+Examples:
+  peerkit push beta nextcloud
+  peerkit push beta nextcloud --incremental
+  peerkit push beta nextcloud --json   # progress events, then the result""")
+@click.argument("peer")
+@click.argument("app")
+@click.option("--no-pre-backup", is_flag=True,
+              help="Ask the peer to skip its pre-backup (it decides; by default it backs up anyway).")
+@click.option("--keep-urls", is_flag=True, help="Ask the peer not to rewrite our domain to its own.")
+@click.option("--incremental", is_flag=True, help="Move only what changed (rsync; falls back to a full copy).")
+@click.option("--compress", type=click.Choice(["auto", "zstd", "none"]), default="auto", show_default=True,
+              help="Compress the stream with zstd (auto: when the link is slower than the CPU).")
+@click.option("--progress/--no-progress", "show_progress", default=None,
+              help="Force the progress bar on or off (default: on when stderr is a terminal).")
+@common_options
+def push(obj: Context, peer: str, app: str, no_pre_backup: bool, keep_urls: bool, incremental: bool,
+         compress: str, show_progress: bool | None) -> None:
+    """Copy our APP to PEER, which installs it by its own rules.
+
+    PEER must have granted us push (`peerkit allow <us> --push` on its side).
+    It backs up its copy, receives into staging, checks, swaps atomically and
+    runs its hooks, rolling back on failure; our app is only read.
+    """
+    from ..push import push_app
+
+    cfg = read_config(obj.config)
+    progress = Progress(as_json=obj.json, show_bar=show_progress)
+    try:
+        report = asyncio.run(push_app(cfg, peer, app, pre_backup=not no_pre_backup, keep_urls=keep_urls,
+                                      incremental=incremental, compress=compress, progress=progress,
+                                      note=obj.note))
+    finally:
+        progress.close()
+
+    def human() -> None:
+        click.echo(f"pushed {app} to {peer}: {report.files} files, {report.bytes:,} bytes sent")
+        for text in report.notes:
+            click.echo(f"  note         {text}")
+
+    obj.emit({"event": "result", **report.to_json()}, human)
+
+
+COMMANDS = [ping, apps, pull, push]

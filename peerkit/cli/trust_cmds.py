@@ -53,13 +53,18 @@ Examples:
 @common_options
 def token(obj: Context, version: str) -> None:
     """Print this instance's pairing token (only the token, on stdout)."""
+    from ..identity import read_identity
+    from ..verify import fingerprint_groups
+
     cfg = read_config(obj.config)
     text, warnings = pairing.our_token(cfg, version)
+    fingerprint = read_identity(cfg.ssh.identity).fingerprint
     for warning in warnings:
         obj.note(f"warning: {warning}")
     obj.note("This token is a credential: whoever pairs it lets this instance's key in. "
              "Send it over a channel you trust.")
-    obj.emit({"token": text, "format": version, "name": cfg.name}, text)
+    obj.note(f"Our half, to compare by phone before pairing: {fingerprint_groups(fingerprint)}")
+    obj.emit({"token": text, "format": version, "name": cfg.name, "fingerprint": fingerprint}, text)
 
 
 @click.command(epilog="""\b
@@ -70,16 +75,24 @@ Examples:
 @click.argument("token_text", metavar="TOKEN")
 @click.argument("name", required=False)
 @click.option("--replace", is_flag=True, help="Replace the key of an already paired peer of that name.")
+@click.option("--expires", metavar="DATE", help="End access at DATE (YYYY-MM-DD, start of day UTC, or ISO time).")
+@click.option("--ttl", metavar="SPAN", help="End access after SPAN, e.g. 12h, 7d, 2w.")
 @common_options
-def pair(obj: Context, token_text: str, name: str | None, replace: bool) -> None:
+def pair(obj: Context, token_text: str, name: str | None, replace: bool, expires: str | None,
+         ttl: str | None) -> None:
     """Authorize a peer's key to call peer-shell here, from its TOKEN.
 
     NAME overrides the peer name the token carries.  Pairing is one-way:
     the other operator runs `peerkit pair` with our token for the way back.
     """
+    from ..identity import read_identity
+    from ..permissions import parse_expiry
+    from ..verify import verification_code
+
     cfg = read_config(obj.config)
-    result = pairing.pair(cfg, token_text, name, replace=replace)
+    result = pairing.pair(cfg, token_text, name, replace=replace, expires_at=parse_expiry(expires, ttl))
     peer, tok = result.peer, result.token
+    code = verification_code(read_identity(cfg.ssh.identity).fingerprint, tok.fingerprint)
     if not tok.host_key_fingerprints:
         obj.note(f"note: this {tok.version} token pins no host key; the first connection to "
                  f"{peer.name} will record its host key and every later one must match")
@@ -90,10 +103,14 @@ def pair(obj: Context, token_text: str, name: str | None, replace: bool) -> None
         click.echo(f"  key        {tok.fingerprint}")
         pins = ", ".join(tok.host_key_fingerprints) or "none (trust on first use)"
         click.echo(f"  host keys  {pins}")
+        if peer.expires_at:
+            click.echo(f"  expires    {peer.expires_at}")
+        click.echo(f"  verify     {code}")
+        click.echo(f"Read the verify code to {peer.name}'s operator: their `peerkit verify` must show the same.")
         click.echo(f"{peer.name} can now call peer-shell here. For the way back, "
                    f"its operator runs: peerkit pair <your token>")
 
-    obj.emit({"peer": peer.to_json(), "outcome": result.outcome}, human)
+    obj.emit({"peer": peer.to_json(), "outcome": result.outcome, "verification_code": code}, human)
 
 
 @click.command(epilog="Example: peerkit unpair beta")
@@ -118,10 +135,14 @@ def peers(obj: Context) -> None:
         if not rows:
             click.echo("no peers yet: `peerkit pair TOKEN`")
             return
-        header = ("NAME", "STATUS", "LAST SEEN", "ADDRESS", "KEY")
+        from ..permissions import describe
+        from ..state import Peer
+
+        header = ("NAME", "STATUS", "LAST SEEN", "ADDRESS", "EXPIRES", "MAY")
         table = [header] + [
             (r["name"], r["status"] if r["authorized"] else f"{r['status']} (key line missing)",
-             r["last_seen"] or "never", f"{r['user']}@{r['host']}:{r['port']}", r["fingerprint"])
+             r["last_seen"] or "never", f"{r['user']}@{r['host']}:{r['port']}", r["expires_at"] or "never",
+             describe(Peer(r["name"], permissions=r["permissions"])))
             for r in rows]
         widths = [max(len(str(row[i])) for row in table) for i in range(len(header))]
         for row in table:

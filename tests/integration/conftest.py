@@ -7,6 +7,10 @@ them.  Instances are created lazily, each owned by its own user:
 * ``alpha`` / ``beta``: paired both ways; the shared, non-destructive pair.
 * ``fresh_instance(role)``: an instance on a user of its own (``gamma``,
   ``delta``, ``epsilon``) for tests that unpair or damage state.
+* ``pull-src`` / ``pull-dst`` and ``ping-src`` / ``ping-dst``: users that
+  tests/integration/test_pull.py builds private instance pairs on (never
+  registered with ``make_instance``: their key lines may run a stand-in for
+  peer-shell, which writes no audit line).
 * ``control_login``: a user whose key line has a forced command but no
   ``restrict``, to show that this sshd really grants what peerkit's lines
   are refused (so each refusal is the key line's doing, not the server's).
@@ -29,7 +33,8 @@ from tests.support import sshd as harness
 
 # Every user the session may need: sshd's AllowUsers is fixed at start.
 # "control" has no peerkit instance: it holds a key line without `restrict`.
-ROLES = ("alpha", "beta", "gamma", "delta", "epsilon", "control")
+ROLES = ("alpha", "beta", "gamma", "delta", "epsilon", "control",
+         "pull-src", "pull-dst", "ping-src", "ping-dst")
 PEER_NAMES = {role: f"site-{role}" for role in ROLES if role != "control"}
 
 

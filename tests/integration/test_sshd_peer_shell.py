@@ -291,7 +291,8 @@ def test_paired_key_can_ping_list_apps_and_stream_an_app_byte_identical(paired, 
     alpha, beta = paired
 
     pong = ok_json(beta.ssh(alpha, "ping"))
-    assert pong == {"ok": True, "peer": alpha.name, "version": peerkit.__version__}
+    assert pong == {"ok": True, "peer": alpha.name, "version": peerkit.__version__,
+                    "features": ["receive-app", "replace-key", "rsync", "zstd"]}
 
     listing = ok_json(beta.ssh(alpha, "list-apps"))
     assert listing["peer"] == alpha.name

@@ -1,0 +1,228 @@
+"""Push an app to a paired peer: the mirror of pull, decided by the receiver.
+
+We stream the app (tar, optionally zstd, or rsync with ``--incremental``) to
+the peer's ``receive-app``; the peer runs its own receiving pipeline and
+rules (push permission, pre-backup, staging, checks, swap, hooks, rollback)
+and answers with a short result.  Our own app is only read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import subprocess
+from typing import Any
+
+import asyncssh
+
+from . import grammar
+from .apps import archive_size, tar_command
+from .client import PeerConnection, StreamResult, open_peer, raise_remote
+from .compress import choose, zstd_binary
+from .config import Config
+from .errors import (BadSlug, Interrupted, NoSuchApp, PeerkitError, PeerRefused, PeerUnreachable,
+                     ProtocolError, TransferIncomplete)
+from .install import NoteFn, ProgressFn, Report, log_transfer
+from .state import PeerStore
+
+_CHUNK = 1 << 20
+_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LC_ALL": "C"}
+
+
+def _receive_command(app: str, *, compressed: bool, keep_urls: bool, skip_backup: bool,
+                     domain: str | None) -> str:
+    words = ["receive-app", app]
+    if compressed:
+        words.append("--zstd")
+    if keep_urls:
+        words.append("--keep-urls")
+    if skip_backup:
+        words.append("--no-pre-backup")
+    if domain:
+        words += ["--domain", domain]
+    return " ".join(words)
+
+
+def _last_json(data: bytes) -> dict[str, Any] | None:
+    for line in reversed(data.decode("utf-8", "replace").splitlines()):
+        with contextlib.suppress(ValueError):
+            obj = json.loads(line)
+            if isinstance(obj, dict):
+                return obj
+    return None
+
+
+async def _send_tar(conn: PeerConnection, cfg: Config, app: str, command: str, compressed: bool,
+                    report: Report, progress: ProgressFn | None) -> dict[str, Any]:
+    """Pipe our tar (| zstd) into the peer's receive-app; return its answer."""
+    live = cfg.apps_dir / app
+    total = archive_size(live)
+    # Plain pipes between tar and zstd (no event-loop buffering in between);
+    # we read the last one's output in a worker thread.
+    procs = [subprocess.Popen(tar_command(live), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                              stderr=subprocess.DEVNULL, env=_ENV, close_fds=True)]
+    if compressed:
+        procs.append(subprocess.Popen([zstd_binary() or "zstd", "-1", "-T0", "-q", "-c"],
+                                      stdin=procs[0].stdout, stdout=subprocess.PIPE,
+                                      stderr=subprocess.DEVNULL, env=_ENV, close_fds=True))
+        procs[0].stdout.close()
+    source = procs[-1].stdout
+    assert source is not None
+    loop = asyncio.get_running_loop()
+
+    async def read_chunk() -> bytes:
+        return await loop.run_in_executor(None, os.read, source.fileno(), _CHUNK)
+
+    proc = await conn.conn.create_process(command, encoding=None, stdin=asyncssh.PIPE,
+                                          stdout=asyncssh.PIPE, stderr=asyncssh.PIPE)
+    out = bytearray()
+    err = bytearray()
+
+    async def drain(stream: Any, buf: bytearray) -> None:
+        # Both are read all along: stdout and stderr share the flow-control window.
+        while data := await stream.read(1 << 16):
+            if len(buf) < 1 << 20:
+                buf.extend(data)
+
+    readers = [asyncio.ensure_future(drain(proc.stdout, out)), asyncio.ensure_future(drain(proc.stderr, err))]
+    sent = 0
+
+    async def feed_remote() -> None:
+        nonlocal sent
+        while data := await read_chunk():
+            proc.stdin.write(data)
+            await proc.stdin.drain()
+            sent += len(data)
+            if progress is not None:
+                progress("transfer", sent, None if compressed else total)
+        proc.stdin.write_eof()
+
+    writer = asyncio.ensure_future(feed_remote())
+    finished = asyncio.ensure_future(proc.wait())
+    try:
+        with report.stage("transfer"):
+            # The receiver may stop early (refusal, unsafe archive, full
+            # disk): its exit ends the transfer, whatever we still had.
+            await asyncio.wait({writer, finished}, return_when=asyncio.FIRST_COMPLETED)
+            stopped_early = not writer.done()
+            if stopped_early:
+                writer.cancel()
+                report.notes.append("the peer stopped reading before the end")
+            elif writer.exception() is not None and not finished.done():
+                raise TransferIncomplete(f"sending failed: {writer.exception()}")
+            result = await finished
+            await asyncio.gather(*readers)
+            report.bytes = sent
+            if stopped_early:
+                for p in procs:
+                    p.kill()
+            source.close()
+            statuses = [p.wait() for p in procs]
+            if not stopped_early and any(statuses) and result.exit_status == 0:
+                raise PeerkitError(f"reading our app failed (tar/zstd exited {statuses})")
+    except BaseException:
+        for task in (writer, finished, *readers):
+            task.cancel()
+        for p in procs:
+            p.kill()
+            p.wait()
+        proc.close()
+        raise
+    status = result.exit_status
+    if status != 0:
+        raise_remote(conn.peer.name, StreamResult(status, sent, bytes(err), _error_code(bytes(err))))
+    answer = _last_json(bytes(out))
+    if answer is None or answer.get("ok") is not True:
+        raise ProtocolError(f"{conn.peer.name}: no result from receive-app")
+    return answer
+
+
+def _error_code(stderr: bytes) -> str | None:
+    obj = _last_json(stderr)
+    if obj and obj.get("ok") is False and isinstance(obj.get("error"), str):
+        return obj["error"][:40]
+    return None
+
+
+async def _send_rsync(conn: PeerConnection, cfg: Config, app: str, report: Report) -> dict[str, Any]:
+    from .rsync import run_push
+
+    with report.stage("transfer"):
+        report.bytes, stderr = await run_push(cfg, conn.peer, app, cfg.apps_dir / app)
+    answer = _last_json(stderr)
+    return answer if answer and answer.get("ok") is True else {"ok": True}
+
+
+async def push_app(cfg: Config, peer_name: str, app: str, *, pre_backup: bool = True,
+                   keep_urls: bool = False, incremental: bool = False, compress: str = "auto",
+                   progress: ProgressFn | None = None, note: NoteFn | None = None) -> Report:
+    """Push ``app`` to ``peer_name``; raise a PeerkitError with ``.report`` on failure."""
+    report = Report(peer_name, app)
+    try:
+        answer = await _push(cfg, peer_name, app, pre_backup, keep_urls, incremental, compress, progress,
+                             note, report)
+        report.files = int(answer.get("files") or 0)
+        report.rewritten = [r for r in answer.get("rewritten") or [] if isinstance(r, str)][:1000]
+        remote = answer.get("stages") or []
+        report.notes.append("peer: " + ", ".join(f"{s.get('name')} {s.get('outcome')}" for s in remote
+                                                  if isinstance(s, dict)))
+    except PeerkitError as exc:
+        exc.report = report  # type: ignore[attr-defined]
+        log_transfer(cfg, "push", report, exc)
+        raise
+    except (asyncio.CancelledError, KeyboardInterrupt):
+        stopped = Interrupted("the peer discards a push it did not receive whole")
+        stopped.report = report  # type: ignore[attr-defined]
+        log_transfer(cfg, "push", report, stopped)
+        raise stopped from None
+    log_transfer(cfg, "push", report, None)
+    return report
+
+
+async def _push(cfg: Config, peer_name: str, app: str, pre_backup: bool, keep_urls: bool,
+                incremental: bool, compress: str, progress: ProgressFn | None, note: NoteFn | None,
+                report: Report) -> dict[str, Any]:
+    if not grammar.is_slug(app):
+        raise BadSlug(repr(app[:80]))
+    live = cfg.apps_dir / app
+    if not live.is_dir() or live.is_symlink():
+        raise NoSuchApp(f"no local app {app} in {cfg.apps_dir}")
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    with contextlib.suppress(NotImplementedError, RuntimeError):
+        loop.add_signal_handler(signal.SIGTERM, task.cancel)
+    try:
+        with PeerStore(cfg.db_path) as store, report.stage("ping"):
+            conn = await open_peer(cfg, store, peer_name, note)
+        async with conn:
+            # Shell peers and older peerkits have no receive-app: say so plainly.
+            if "receive-app" not in conn.features:
+                raise PeerRefused(f"{peer_name} does not accept pushes (its peer-shell has no receive-app)")
+            from .rsync import rsync_binary
+
+            if incremental and rsync_binary() and "rsync" in conn.features:
+                if keep_urls is False and cfg.domain:
+                    report.notes.append("incremental push: the peer does not rewrite URLs")
+                return await _send_rsync(conn, cfg, app, report)
+            if incremental:
+                text = "rsync is not available on both sides: falling back to a full transfer"
+                report.notes.append(text)
+                if note is not None:
+                    note(f"note: {text}")
+            rate = cfg.link_mbps or conn.peer.config.get("link_mbps")
+            compressed, why = choose(compress, host=conn.peer.config["host"], link_mbps=rate,
+                                     remote_has_zstd="zstd" in conn.features)
+            report.notes.append(f"{'zstd' if compressed else 'no'} compression: {why}")
+            command = _receive_command(app, compressed=compressed, keep_urls=keep_urls,
+                                       skip_backup=not pre_backup, domain=cfg.domain)
+            return await _send_tar(conn, cfg, app, command, compressed, report, progress)
+    except PeerUnreachable as exc:
+        if any(s.name == "transfer" for s in report.stages):
+            raise TransferIncomplete(exc.detail) from None
+        raise
+    finally:
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.remove_signal_handler(signal.SIGTERM)

@@ -76,6 +76,7 @@ class Config:
     max_app_bytes: int = 1 << 40
     sender_may_skip_backup: bool = False
     link_mbps: int | None = None
+    serve: dict = field(default_factory=dict)
     raw: dict = field(repr=False, compare=False, default_factory=dict)
 
     @property
@@ -85,6 +86,11 @@ class Config:
     @property
     def audit_log(self) -> Path:
         return self.state_dir / "peer-shell.log"
+
+    @property
+    def serve_host_key(self) -> Path:
+        """The embedded server's host key (generated on its first start)."""
+        return self.state_dir / "ssh_host_ed25519_key"
 
 
 def home() -> Path:
@@ -341,6 +347,14 @@ _SCHEMA: dict[str, Any] = {
     "url_rewrite": {
         "globs": (_want_glob_list, lambda: list(DEFAULT_REWRITE_GLOBS)),
     },
+    "serve": {
+        # The embedded server (`peerkit serve`); it listens on ssh.port.
+        "listen": (_want_host, lambda: "0.0.0.0"),
+        "max_connections": (_want_positive_int, lambda: 64),
+        "max_sessions_per_peer": (_want_positive_int, lambda: 4),
+        "auth_timeout": (_want_positive_int, lambda: 30),
+        "max_auth_failures": (_want_positive_int, lambda: 10),
+    },
     "receive": {
         # Whether a pushing peer's --no-pre-backup is honoured; by default
         # every push is backed up first, whatever the sender asks.
@@ -391,4 +405,5 @@ def _validate(data: dict, path: Path) -> Config:
         restic_repository=v["restic"]["repository"], restic_password_file=v["restic"]["password_file"],
         url_rewrite_globs=v["url_rewrite"]["globs"], max_app_bytes=v["limits"]["max_app_bytes"],
         sender_may_skip_backup=v["receive"]["sender_may_skip_backup"], link_mbps=v["transfer"]["link_mbps"],
+        serve=v["serve"],
         raw=data)

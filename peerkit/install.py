@@ -17,6 +17,7 @@ import fcntl
 import json
 import os
 import signal
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -107,6 +108,11 @@ def app_lock(cfg: Config, app: str) -> Iterator[None]:
 def held_signals() -> Iterator[list[int]]:
     """Record SIGINT/SIGTERM instead of acting on them, for the duration of the block."""
     received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        # Only the main thread owns signal handlers (the embedded server
+        # runs transfers in worker threads; its process handles signals).
+        yield received
+        return
     previous = {}
     for sig in (signal.SIGINT, signal.SIGTERM):
         previous[sig] = signal.signal(sig, lambda signum, _frame: received.append(signum))

@@ -42,7 +42,11 @@ def init(config_path: str | os.PathLike | None, overrides: dict[str, Any] | None
 def advertised_host_keys(cfg: Config) -> tuple[list[str], list[str]]:
     """Return (fingerprints, warnings) for the host keys our token advertises."""
     fps, warnings = [], []
-    for path in cfg.ssh.host_keys:
+    paths = list(cfg.ssh.host_keys)
+    serve_key = cfg.serve_host_key.with_name(cfg.serve_host_key.name + ".pub")
+    if serve_key.exists():
+        paths.append(serve_key)  # `peerkit serve` has run here: pin its key too
+    for path in paths:
         try:
             fp = host_key_fingerprint(path.read_text(encoding="ascii"))
         except (OSError, UnicodeDecodeError, ValueError) as exc:

@@ -105,9 +105,9 @@ def _transfer_mode(cfg: Config, conn: PeerConnection, incremental: bool, compres
     use_rsync = False
     if incremental:
         missing = [side for side, ok in (("here", rsync_binary() is not None),
-                                         (conn.peer.name, "rsync" in conn.features)) if not ok]
+                                         (f"on {conn.peer.name}", "rsync" in conn.features)) if not ok]
         if missing:
-            text = f"rsync is not available {' or on '.join(missing)}: falling back to a full transfer"
+            text = f"rsync is not available {' or '.join(missing)}: falling back to a full transfer"
             report.notes.append(text)
             if note is not None:
                 note(f"note: {text}")

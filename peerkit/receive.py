@@ -67,7 +67,8 @@ def send_app(cfg: Config, peer: Peer, request: Request, stdout_fd: int, sent: Ca
         stream_app(app_dir, stdout_fd, sent, compress="--zstd" in request.flags)
 
 
-def serve_rsync(cfg: Config, peer: Peer, request: Request, event: dict[str, Any]) -> dict[str, Any] | None:
+def serve_rsync(cfg: Config, peer: Peer, request: Request, fds: tuple[int, int, int],
+                event: dict[str, Any]) -> dict[str, Any] | None:
     """Serve an rsync request on stdin/stdout: a send for pulls, a receive for pushes."""
     rsync_req = request.rsync
     assert rsync_req is not None and request.slug is not None
@@ -80,7 +81,8 @@ def serve_rsync(cfg: Config, peer: Peer, request: Request, event: dict[str, Any]
             raise NoSuchApp(f"{request.slug} is not allowed for {peer.name}")
         app_dir = app_path(cfg.apps_dir, request.slug)
         with _stream_hooks(cfg, peer, request.slug, app_dir, event):
-            status = subprocess.run(rsync_req.server_argv(rsync, str(app_dir)), env=env, close_fds=True).returncode
+            status = subprocess.run(rsync_req.server_argv(rsync, str(app_dir)), env=env, close_fds=True,
+                                    stdin=fds[0], stdout=fds[1], stderr=fds[2]).returncode
         if status != 0:
             raise StreamFailed(f"rsync exited {status}")
         return None
@@ -96,7 +98,7 @@ def serve_rsync(cfg: Config, peer: Peer, request: Request, event: dict[str, Any]
             extra = (f"--link-dest={live}",) if live.is_dir() else ()
             with report.stage("transfer"):
                 status = subprocess.run(rsync_req.server_argv(rsync, str(staging), extra), env=env,
-                                        close_fds=True).returncode
+                                        close_fds=True, stdin=fds[0], stdout=fds[1], stderr=fds[2]).returncode
                 if status != 0:
                     raise TransferIncomplete(f"rsync exited {status}")
             with report.stage("verify"):

@@ -11,6 +11,7 @@ every SSH call, so it imports only what the verbs need.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -30,13 +31,12 @@ _REMOTE_CODES = {"refused", "bad-slug", "no-such-app", "failed",
                  "no-space"}
 
 
-def _say(stream: Any, obj: dict) -> None:
+def _say(fd: int, obj: dict) -> None:
     # Best effort: a client that hung up right after sending its command
     # makes this write fail with EPIPE.  It is called from serve()'s except
     # handler, so raising here would skip the audit record of a refusal.
     try:
-        stream.write(json.dumps(obj, separators=(", ", ": ")) + "\n")
-        stream.flush()
+        os.write(fd, (json.dumps(obj, separators=(", ", ": ")) + "\n").encode("utf-8"))
     except OSError:
         pass
 
@@ -51,8 +51,12 @@ def _parse_argv(argv: list[str]) -> tuple[str, str]:
 
 
 def serve(config_path: str, peer: str, original: str | None, env: dict[str, str],
-          stdout_fd: int = 1) -> int:
-    """Run one request for ``peer``; return the process exit status."""
+          stdin_fd: int = 0, stdout_fd: int = 1, stderr_fd: int = 2) -> int:
+    """Run one request for ``peer`` on the given descriptors; return the exit status.
+
+    sshd runs it through main() on fds 0-2; the embedded server calls it
+    in-process with socket pairs.
+    """
     from .config import read_config
 
     started = time.monotonic()
@@ -64,7 +68,7 @@ def serve(config_path: str, peer: str, original: str | None, env: dict[str, str]
         request = parse_command(original)
         event.update(verb=request.verb, slug=request.slug, bytes=0)
         row = _require_paired(cfg, peer)
-        _dispatch(cfg, row, request, stdout_fd, event)
+        _dispatch(cfg, row, request, (stdin_fd, stdout_fd, stderr_fd), event)
         event.update(outcome="ok")
         status = 0
     except PeerkitError as exc:
@@ -73,7 +77,7 @@ def serve(config_path: str, peer: str, original: str | None, env: dict[str, str]
         event.update(outcome=code, reason=audit.clean(exc.detail or exc.message), bytes=event.get("bytes", 0))
         if "verb" not in event:
             event["command"] = audit.clean(original)
-        _say(sys.stderr, {"ok": False, "error": code})
+        _say(stderr_fd, {"ok": False, "error": code})
         status = exc.exit_code
     except BrokenPipeError:
         # The client went away mid-reply; event["bytes"] says how far it got.
@@ -85,7 +89,8 @@ def serve(config_path: str, peer: str, original: str | None, env: dict[str, str]
             cfg.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
             audit.record(cfg.audit_log, **event)
         except OSError as exc:
-            print(f"peer-shell: cannot write audit log: {exc}", file=sys.stderr)
+            with contextlib.suppress(OSError):
+                os.write(stderr_fd, f"peer-shell: cannot write audit log: {exc}\n".encode())
             status = status or 1
     return status
 
@@ -109,8 +114,9 @@ def _require_paired(cfg: Any, peer: str) -> Any:
     return row
 
 
-def _dispatch(cfg: Any, peer: Any, request: Request, stdout_fd: int, event: dict[str, Any]) -> None:
+def _dispatch(cfg: Any, peer: Any, request: Request, fds: tuple[int, int, int], event: dict[str, Any]) -> None:
     """Serve a validated request, counting the bytes sent into ``event``."""
+    stdin_fd, stdout_fd, stderr_fd = fds
     def sent(n: int) -> None:
         event["bytes"] += n
 
@@ -127,13 +133,13 @@ def _dispatch(cfg: Any, peer: Any, request: Request, stdout_fd: int, event: dict
         send_app(cfg, peer, request, stdout_fd, sent, event)
     elif request.verb == "receive-app":
         from .receive import receive_app
-        sent(_reply(stdout_fd, receive_app(cfg, peer, request, 0, event)))
+        sent(_reply(stdout_fd, receive_app(cfg, peer, request, stdin_fd, event)))
     elif request.verb == "rsync":
         from .receive import serve_rsync
-        result = serve_rsync(cfg, peer, request, event)
+        result = serve_rsync(cfg, peer, request, fds, event)
         if result is not None:
             # stdout belonged to rsync's protocol: the outcome goes to stderr.
-            _say(sys.stderr, result)
+            _say(stderr_fd, result)
     elif request.verb == "replace-key":
         from .rotate import accept_new_key
         sent(_reply(stdout_fd, accept_new_key(cfg, peer.name, request.key)))
@@ -171,6 +177,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config_path, peer = _parse_argv(args)
     except PeerRefused:
-        _say(sys.stderr, {"ok": False, "error": "refused"})
+        _say(2, {"ok": False, "error": "refused"})
         return PeerRefused.exit_code
     return serve(config_path, peer, os.environ.get("SSH_ORIGINAL_COMMAND"), dict(os.environ))

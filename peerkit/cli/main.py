@@ -65,7 +65,7 @@ def common_options(func: Callable) -> Callable:
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
-             epilog="Example: peerkit init && peerkit token")
+             epilog="Examples: peerkit demo; peerkit init && peerkit token")
 @click.option("--config", "config_path", metavar="PATH", expose_value=False, callback=_set_config,
               help="Config file (default: $PEERKIT_CONFIG or ~/.config/peerkit/config.yaml).")
 @click.option("--json", "json_output", is_flag=True, expose_value=False, callback=_set_json,
@@ -78,9 +78,9 @@ def cli(ctx: click.Context) -> None:
 
 
 def _register() -> None:
-    from . import lifecycle_cmds, remote_cmds, trust_cmds
+    from . import lifecycle_cmds, remote_cmds, service_cmds, trust_cmds
 
-    for command in trust_cmds.COMMANDS + remote_cmds.COMMANDS + lifecycle_cmds.COMMANDS:
+    for command in trust_cmds.COMMANDS + remote_cmds.COMMANDS + lifecycle_cmds.COMMANDS + service_cmds.COMMANDS:
         cli.add_command(command)
 
 

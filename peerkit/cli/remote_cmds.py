@@ -67,9 +67,10 @@ Examples:
   peerkit pull beta nextcloud
   peerkit pull beta nextcloud --no-pre-backup --keep-urls
   peerkit pull beta nextcloud --incremental
-  peerkit pull beta nextcloud --json   # progress events, then the result""")
+  peerkit pull beta nextcloud --json   # progress events, then the result
+  peerkit pull beta:nextcloud          # the PEER:APP form systemd timers use""")
 @click.argument("peer")
-@click.argument("app")
+@click.argument("app", required=False)
 @click.option("--no-pre-backup", is_flag=True, help="Skip the snapshot of the local app before replacing it.")
 @click.option("--keep-urls", is_flag=True, help="Do not rewrite the peer's domain to ours.")
 @click.option("--incremental", is_flag=True, help="Move only what changed (rsync; falls back to a full copy).")
@@ -87,6 +88,7 @@ def pull(obj: Context, peer: str, app: str, no_pre_backup: bool, keep_urls: bool
     """
     from ..pull import pull_app
 
+    peer, app = _peer_app(peer, app)
     cfg = read_config(obj.config)
     progress = Progress(as_json=obj.json, show_bar=show_progress)
     try:
@@ -110,6 +112,15 @@ def pull(obj: Context, peer: str, app: str, no_pre_backup: bool, keep_urls: bool
             click.echo(f"  note         {text}")
 
     obj.emit({"event": "result", **report.to_json()}, human)
+
+
+def _peer_app(peer: str, app: str | None) -> tuple[str, str]:
+    """Accept `PEER APP` or `PEER:APP`."""
+    if app is None:
+        if peer.count(":") != 1:
+            raise click.UsageError("give PEER APP, or PEER:APP")
+        peer, app = peer.split(":")
+    return peer, app
 
 
 @click.command(epilog="""\b

@@ -1,0 +1,421 @@
+"""peerkit serve: an SSH server that does exactly what peerkit's key lines allow, and nothing else.
+
+For hosts where the system sshd cannot be used (rootless installs,
+containers, shared hosts).  It authenticates only keys from the instance's
+peerkit lines in authorized_keys, read afresh on every login, and honours
+their options as OpenSSH would: ``from=`` (source addresses),
+``expiry-time=``, and ``command=``, which must be peer-shell's own form and
+is served in-process by the same dispatcher sshd runs.  Only session
+channels with an exec request are accepted; pty, shell, subsystems (sftp),
+environment variables, agent and X11 forwarding and every kind of port
+forwarding are refused.
+
+Limits against abuse: a cap on concurrent connections, on concurrent
+sessions per peer, an authentication timeout, and a per-source limit on
+failed authentications; each refusal is written to the audit log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import fnmatch
+import ipaddress
+import os
+import shlex
+import socket
+import threading
+import time
+from collections import defaultdict, deque
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any, Callable
+
+import asyncssh
+
+from . import audit, authkeys
+from .config import Config
+from .errors import PeerkitError
+
+WINDOW = 16 << 20
+MAX_PACKET = 256 << 10
+_CHUNK = 256 << 10
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Abuse limits of the embedded server."""
+
+    max_connections: int = 64
+    max_sessions_per_peer: int = 4
+    auth_timeout: float = 30.0
+    max_auth_failures: int = 10
+    failure_window: float = 600.0
+
+
+def ensure_host_key(cfg: Config) -> asyncssh.SSHKey:
+    """Load the server's host key, generating it (0600) on first start."""
+    from .identity import ensure_identity
+
+    path = cfg.serve_host_key
+    ensure_identity(path, f"peerkit-serve:{cfg.name}")
+    return asyncssh.read_private_key(str(path))
+
+
+# -- OpenSSH key options -----------------------------------------------------
+
+def source_allowed(patterns: str, address: str) -> bool:
+    """Match ``address`` against a from= pattern list the way sshd does."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    allowed = False
+    for pattern in patterns.split(","):
+        negated = pattern.startswith("!")
+        pattern = pattern[1:] if negated else pattern
+        try:
+            hit = ip in ipaddress.ip_network(pattern, strict=False)
+        except ValueError:
+            # Wildcard patterns apply to the address text; host names are
+            # never resolved (the source controls its reverse DNS).
+            hit = fnmatch.fnmatchcase(address, pattern)
+        if hit and negated:
+            return False  # a negated match refuses, whatever else matches
+        allowed = allowed or hit
+    return allowed
+
+
+def expired(stamp: str, now: datetime | None = None) -> bool:
+    """Tell whether an expiry-time= value lies in the past (Z = UTC, else local time)."""
+    utc = stamp.endswith("Z")
+    digits = stamp.rstrip("Z")
+    fmt = {8: "%Y%m%d", 12: "%Y%m%d%H%M", 14: "%Y%m%d%H%M%S"}.get(len(digits))
+    if fmt is None or not digits.isdigit():
+        return True  # an unreadable expiry fails closed
+    when = datetime.strptime(digits, fmt)
+    when = when.replace(tzinfo=timezone.utc) if utc else when.astimezone()
+    return (now or datetime.now(timezone.utc)) >= when
+
+
+def parse_options(options: str) -> dict[str, str]:
+    """Split an authorized_keys option string into {name: value} (flags map to '')."""
+    out: dict[str, str] = {}
+    lexer = shlex.shlex(options, posix=True)
+    lexer.whitespace = ","
+    lexer.whitespace_split = True
+    lexer.commenters = ""
+    for item in lexer:
+        name, _, value = item.partition("=")
+        out[name.lower()] = value
+    return out
+
+
+@dataclass(frozen=True)
+class Grant:
+    """What an authenticated key may run: peer-shell for one peer, with one config."""
+
+    peer: str
+    config_path: str
+
+
+def find_grant(cfg: Config, key_b64: str, address: str) -> tuple[Grant | None, str]:
+    """Return the grant of the key line matching ``key_b64`` for ``address``, or why there is none."""
+    lines = authkeys.read_authorized_keys(cfg.ssh.authorized_keys)
+    for _, entry in lines.entries():
+        if entry.b64 != key_b64 or entry.peer is None:
+            continue
+        options = parse_options(entry.options)
+        # Exactly what sshd would refuse: another source, a past expiry.
+        if "from" in options and not source_allowed(options["from"], address):
+            return None, "source address not allowed by from="
+        if "expiry-time" in options and expired(options["expiry-time"]):
+            return None, "key expired (expiry-time=)"
+        words = options.get("command", "").split(" ")
+        # Only peer-shell's own forced command is served; anything else in
+        # command= is not ours to interpret.
+        if len(words) != 4 or words[1] != "--config" or words[3] != entry.peer:
+            return None, "key line has no peer-shell forced command"
+        return Grant(entry.peer, words[2]), "ok"
+    return None, "key not authorized"
+
+
+# -- the server ----------------------------------------------------------------
+
+class _State:
+    """Counters shared by every connection of one server."""
+
+    def __init__(self, cfg: Config, limits: Limits) -> None:
+        self.cfg = cfg
+        self.limits = limits
+        self.connections = 0
+        self.sessions: dict[str, int] = defaultdict(int)
+        self.failures: dict[str, deque[float]] = defaultdict(deque)
+
+    def log(self, **fields: Any) -> None:
+        with contextlib.suppress(OSError):
+            self.cfg.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            audit.record(self.cfg.audit_log, server="peerkit-serve", **fields)
+
+    def blocked(self, address: str) -> bool:
+        times = self.failures[address]
+        while times and time.monotonic() - times[0] > self.limits.failure_window:
+            times.popleft()
+        return len(times) >= self.limits.max_auth_failures
+
+
+class _Server(asyncssh.SSHServer):
+    def __init__(self, state: _State) -> None:
+        self.state = state
+        self.conn: asyncssh.SSHServerConnection | None = None
+        self.address = "?"
+        self.port = 0
+        self.local = ("?", 0)
+        self.grant: Grant | None = None
+        self.counted = False
+
+    def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
+        self.conn = conn
+        self.address, self.port = conn.get_extra_info("peername")[:2]
+        self.local = conn.get_extra_info("sockname")[:2]
+        state = self.state
+        # A source that keeps failing is cut off before any key exchange work.
+        if state.blocked(self.address):
+            state.log(client=self.address, client_port=self.port, verb="connect", outcome="refused",
+                      reason="too many failed authentications from this address")
+            conn.close()
+            return
+        if state.connections >= state.limits.max_connections:
+            state.log(client=self.address, client_port=self.port, verb="connect", outcome="refused",
+                      reason=f"connection limit {state.limits.max_connections} reached")
+            conn.close()
+            return
+        state.connections += 1
+        self.counted = True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.counted:
+            self.state.connections -= 1
+            self.counted = False
+        if self.grant is None and self.conn is not None:
+            # Never authenticated: a failure of this source (scanners,
+            # revoked keys, guessing).
+            self.state.failures[self.address].append(time.monotonic())
+
+    def begin_auth(self, username: str) -> bool:
+        return True
+
+    def password_auth_supported(self) -> bool:
+        return False
+
+    def kbdint_auth_supported(self) -> bool:
+        return False
+
+    def host_based_auth_supported(self) -> bool:
+        return False
+
+    def public_key_auth_supported(self) -> bool:
+        return True
+
+    def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> bool:
+        cfg = self.state.cfg
+        blob = key.public_data
+        # Only the login name our token advertises, like sshd's user lookup.
+        if username != cfg.ssh.user:
+            self.state.log(client=self.address, client_port=self.port, verb="auth", outcome="refused",
+                           reason="unknown user", user=audit.clean(username, 64))
+            return False
+        grant, why = find_grant(cfg, base64.b64encode(blob).decode("ascii"), self.address)
+        if grant is None:
+            self.state.log(client=self.address, client_port=self.port, verb="auth", outcome="refused",
+                           reason=why, key=key.get_fingerprint("sha256"))
+            return False
+        self.grant = grant
+        return True
+
+    def session_requested(self) -> Any:
+        assert self.conn is not None and self.grant is not None
+        state = self.state
+        peer = self.grant.peer
+        if state.sessions[peer] >= state.limits.max_sessions_per_peer:
+            state.log(peer=peer, client=self.address, client_port=self.port, verb="session",
+                      outcome="refused", reason=f"session limit {state.limits.max_sessions_per_peer} reached")
+            return False
+        chan = self.conn.create_server_channel(encoding=None, window=WINDOW, max_pktsize=MAX_PACKET)
+        # Environment requests are refused: nothing of the client's
+        # environment may reach peer-shell (LD_PRELOAD, PATH, ...).
+        chan._process_env_request = _refuse_env  # type: ignore[attr-defined]
+        return chan, _Session(self)
+
+    def connection_requested(self, *args: Any) -> bool:
+        return False  # no direct-tcpip (ssh -L, -D)
+
+    def server_requested(self, *args: Any) -> bool:
+        return False  # no tcpip-forward (ssh -R)
+
+    def unix_connection_requested(self, *args: Any) -> bool:
+        return False
+
+    def unix_server_requested(self, *args: Any) -> bool:
+        return False
+
+
+def _refuse_env(packet: Any) -> bool:
+    packet.get_string()
+    packet.get_string()
+    return False
+
+
+class _Session(asyncssh.SSHServerSession):
+    """One exec request, served by peer-shell's dispatcher in a worker thread."""
+
+    def __init__(self, server: _Server) -> None:
+        self.server = server
+        self.chan: asyncssh.SSHServerChannel | None = None
+        self.command: str | None = None
+        self.socks: list[socket.socket] = []
+        self.inbox: asyncio.Queue[bytes | None] = asyncio.Queue()
+        self.writable = asyncio.Event()
+        self.writable.set()
+        self.tasks: list[asyncio.Task] = []
+        self.started = False
+
+    def connection_made(self, chan: asyncssh.SSHServerChannel) -> None:
+        self.chan = chan
+
+    def pty_requested(self, *args: Any) -> bool:
+        return False
+
+    def shell_requested(self) -> bool:
+        return False
+
+    def subsystem_requested(self, subsystem: str) -> bool:
+        return False  # sftp and friends
+
+    def break_received(self, msec: int) -> bool:
+        return False
+
+    def exec_requested(self, command: str) -> bool:
+        self.command = command
+        return True
+
+    def session_started(self) -> None:
+        loop = asyncio.get_running_loop()
+        server = self.server
+        grant = server.grant
+        assert grant is not None and self.chan is not None
+        server.state.sessions[grant.peer] += 1
+        self.started = True
+        ours, theirs = zip(*(socket.socketpair() for _ in range(3)))
+        for sock in ours:
+            sock.setblocking(False)
+        self.socks = list(ours)
+        env = {"SSH_CONNECTION": f"{server.address} {server.port} {server.local[0]} {server.local[1]}"}
+        fds = [s.detach() for s in theirs]
+
+        def work() -> int:
+            from .shell import serve
+
+            try:
+                return serve(grant.config_path, grant.peer, self.command, env, *fds)
+            except Exception:  # noqa: BLE001 - a crash must not kill the server
+                return 1
+            finally:
+                for fd in fds:
+                    with contextlib.suppress(OSError):
+                        os.close(fd)
+
+        self.worker = loop.run_in_executor(None, work)
+        self.tasks = [asyncio.ensure_future(self._feed_stdin()),
+                      asyncio.ensure_future(self._relay(self.socks[1], self.chan.write)),
+                      asyncio.ensure_future(self._relay(self.socks[2], self.chan.write_stderr)),
+                      asyncio.ensure_future(self._finish())]
+
+    def data_received(self, data: bytes, datatype: int | None) -> None:
+        self.inbox.put_nowait(data)
+        if self.inbox.qsize() > 8 and self.chan is not None:
+            self.chan.pause_reading()  # back-pressure on the client
+
+    def eof_received(self) -> bool:
+        self.inbox.put_nowait(None)
+        return True
+
+    def pause_writing(self) -> None:
+        self.writable.clear()
+
+    def resume_writing(self) -> None:
+        self.writable.set()
+
+    async def _feed_stdin(self) -> None:
+        loop = asyncio.get_running_loop()
+        sock = self.socks[0]
+        with contextlib.suppress(OSError):
+            while (data := await self.inbox.get()) is not None:
+                await loop.sock_sendall(sock, data)
+                if self.inbox.qsize() <= 2 and self.chan is not None:
+                    self.chan.resume_reading()
+            sock.shutdown(socket.SHUT_WR)
+
+    async def _relay(self, sock: socket.socket, write: Callable[[bytes], None]) -> None:
+        loop = asyncio.get_running_loop()
+        with contextlib.suppress(OSError, asyncssh.Error):
+            while True:
+                await self.writable.wait()
+                data = await loop.sock_recv(sock, _CHUNK)
+                if not data:
+                    return
+                write(data)
+
+    async def _finish(self) -> None:
+        status = await self.worker
+        await asyncio.gather(*self.tasks[1:3], return_exceptions=True)
+        if self.chan is not None:
+            with contextlib.suppress(OSError, asyncssh.Error):
+                self.chan.exit(status)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        # The client went away: closing our ends makes the worker's next
+        # write fail, so it stops (and logs) instead of streaming into nothing.
+        for sock in self.socks:
+            with contextlib.suppress(OSError):
+                sock.close()
+        self.inbox.put_nowait(None)
+        if self.started:
+            self.server.state.sessions[self.server.grant.peer] -= 1  # type: ignore[union-attr]
+            self.started = False
+
+
+async def start(cfg: Config, *, listen: str, port: int, limits: Limits = Limits()) -> asyncssh.SSHAcceptor:
+    """Start serving on ``listen``:``port``; return the acceptor (``.close()`` stops it)."""
+    from .client import encryption_algs
+
+    host_key = ensure_host_key(cfg)
+    state = _State(cfg, limits)
+    try:
+        return await asyncssh.listen(
+            listen, port, server_host_keys=[host_key], server_factory=lambda: _Server(state),
+            allow_pty=False, agent_forwarding=False, x11_forwarding=False, sftp_factory=None,
+            allow_scp=False, login_timeout=limits.auth_timeout, encryption_algs=encryption_algs(),
+            keepalive_interval=30, keepalive_count_max=4, config=None, reuse_address=True)
+    except OSError as exc:
+        raise PeerkitError(f"cannot listen on {listen}:{port}: {exc}") from None
+
+
+async def serve_forever(cfg: Config, *, listen: str, port: int, limits: Limits = Limits(),
+                        ready: Callable[[int], None] | None = None) -> None:
+    """Serve until SIGINT or SIGTERM."""
+    import signal
+
+    acceptor = await start(cfg, listen=listen, port=port, limits=limits)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    if ready is not None:
+        ready(acceptor.get_port())
+    try:
+        await stop.wait()
+    finally:
+        acceptor.close()
+        await acceptor.wait_closed()

@@ -36,6 +36,8 @@ _REMOTE_ERRORS: dict[str, type[PeerkitError]] = {
     # What a receiving peer reports about a push.
     "busy": AppBusy, "unsafe-archive": UnsafeArchive, "transfer-incomplete": TransferIncomplete,
     "hook-failed": HookFailed, "backup-failed": BackupFailed, "no-space": NoSpace,
+    # The peer accepted the request but could not finish sending or receiving.
+    "failed": TransferIncomplete,
 }
 
 
@@ -124,15 +126,23 @@ class _Sink(asyncssh.SSHClientSession):
                 self.chan.close()
 
 
-def _remote_error(stderr: bytes) -> str | None:
-    """Return the peer-shell error code from its stderr, if it sent one."""
-    for line in stderr.decode("utf-8", "replace").splitlines()[-3:]:
+def last_json(data: bytes) -> dict[str, Any] | None:
+    """Return the last line of ``data`` that is a JSON object, if any."""
+    for line in reversed(data.decode("utf-8", "replace").splitlines()):
         try:
             obj = json.loads(line)
         except ValueError:
             continue
-        if isinstance(obj, dict) and obj.get("ok") is False and isinstance(obj.get("error"), str):
-            return obj["error"][:40]
+        if isinstance(obj, dict):
+            return obj
+    return None
+
+
+def remote_error(stderr: bytes) -> str | None:
+    """Return the peer-shell error code from its stderr, if it sent one."""
+    obj = last_json(stderr)
+    if obj is not None and obj.get("ok") is False and isinstance(obj.get("error"), str):
+        return obj["error"][:40]
     return None
 
 
@@ -180,7 +190,7 @@ class PeerConnection:
         if sink.failure is not None:
             raise sink.failure
         return StreamResult(chan.get_exit_status(), sink.bytes, bytes(sink.stderr),
-                            _remote_error(bytes(sink.stderr)))
+                            remote_error(bytes(sink.stderr)))
 
     async def call_json(self, command: str) -> dict[str, Any]:
         """Run a verb that answers with one JSON object; raise on refusal."""

@@ -35,8 +35,13 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def choose(mode: str, *, host: str, link_mbps: float | None, remote_has_zstd: bool) -> tuple[bool, str]:
-    """Decide whether to compress; return (compress, why)."""
+def choose(mode: str, *, host: str, link_mbps: float | None, remote_has_zstd: bool,
+           measured_mbps: float | None = None) -> tuple[bool, str]:
+    """Decide whether to compress; return (compress, why).
+
+    ``link_mbps`` is the operator's configured link speed and wins;
+    ``measured_mbps`` is what the last large transfer with this peer achieved.
+    """
     if mode == "none":
         return False, "--compress none"
     if not remote_has_zstd:
@@ -46,10 +51,12 @@ def choose(mode: str, *, host: str, link_mbps: float | None, remote_has_zstd: bo
     if mode == "zstd":
         return True, "--compress zstd"
     if link_mbps is not None:
-        fast = link_mbps >= FAST_LINK_MBPS
-        return (not fast, f"link measured or configured at {link_mbps:.0f} Mbit/s")
+        return link_mbps < FAST_LINK_MBPS, f"link configured at {link_mbps:.0f} Mbit/s"
+    # Before the measured rate: on loopback that rate is the CPU's, not a link's.
     if _is_loopback(host):
         return False, "loopback link"
+    if measured_mbps is not None:
+        return measured_mbps < FAST_LINK_MBPS, f"link measured at {measured_mbps:.0f} Mbit/s"
     return True, "remote link of unknown speed"
 
 

@@ -11,6 +11,7 @@ SIGTERM are held until the app is consistent again.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import errno
 import fcntl
@@ -21,15 +22,16 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Awaitable, Callable, Iterator, TypeVar
 
 from . import audit, hooks
 from .config import Config
-from .errors import AppBusy, HookFailed, NoSpace, PeerkitError
+from .errors import AppBusy, HookFailed, Interrupted, NoSpace, PeerkitError
 from .backup import backup
 from .swap import leftovers, new_staging, remove_tree, swap_in
 from .urlrewrite import rewrite
 
+T = TypeVar("T")
 ProgressFn = Callable[[str, int, "int | None"], None]
 NoteFn = Callable[[str], None]
 
@@ -257,3 +259,28 @@ class Receiver:
                     remove_tree(self.staging)
         if pending:
             self.report.notes.append("an interrupt arrived during the swap; the swap finished first")
+
+
+async def run_transfer(cfg: Config, kind: str, report: Report, work: Awaitable[T],
+                       interrupted: str) -> T:
+    """Run a pull or push: SIGTERM cancels it like Ctrl-C, errors carry the report, all is logged."""
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    with contextlib.suppress(NotImplementedError, RuntimeError):
+        loop.add_signal_handler(signal.SIGTERM, task.cancel)  # type: ignore[union-attr]
+    try:
+        result = await work
+    except PeerkitError as exc:
+        exc.report = report  # type: ignore[attr-defined]
+        log_transfer(cfg, kind, report, exc)
+        raise
+    except (asyncio.CancelledError, KeyboardInterrupt):
+        stopped = Interrupted(interrupted)
+        stopped.report = report  # type: ignore[attr-defined]
+        log_transfer(cfg, kind, report, stopped)
+        raise stopped from None
+    finally:
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.remove_signal_handler(signal.SIGTERM)
+    log_transfer(cfg, kind, report, None)
+    return result

@@ -23,9 +23,9 @@ from .archive import TarExtractor, check_tree
 from .client import PeerConnection, list_apps, open_peer
 from .compress import ZstdFeeder, choose
 from .config import Config
-from .errors import (BadSlug, Interrupted, NoSuchApp, PeerkitError, PeerUnreachable, TransferIncomplete,
+from .errors import (BadSlug, NoSuchApp, PeerkitError, PeerUnreachable, TransferIncomplete,
                      UnsafeArchive)
-from .install import NoteFn, ProgressFn, Receiver, Report, check_space, log_transfer
+from .install import NoteFn, ProgressFn, Receiver, Report, check_space, run_transfer
 from .state import PeerStore
 
 # Drift between the peer's listing and its stream (files growing meanwhile).
@@ -115,8 +115,8 @@ def _transfer_mode(cfg: Config, conn: PeerConnection, incremental: bool, compres
             use_rsync = True
     if use_rsync:
         return True, False
-    rate = cfg.link_mbps or conn.peer.config.get("link_mbps")
-    compressed, why = choose(compress, host=conn.peer.config["host"], link_mbps=rate,
+    compressed, why = choose(compress, host=conn.peer.config["host"], link_mbps=cfg.link_mbps,
+                             measured_mbps=conn.peer.config.get("link_mbps"),
                              remote_has_zstd="zstd" in conn.features)
     report.notes.append(f"{'zstd' if compressed else 'no'} compression: {why}")
     return False, compressed
@@ -127,19 +127,9 @@ async def pull_app(cfg: Config, peer_name: str, app: str, *, pre_backup: bool = 
                    progress: ProgressFn | None = None, note: NoteFn | None = None) -> Report:
     """Pull ``app`` from ``peer_name`` into our apps_dir; raise a PeerkitError with ``.report``."""
     report = Report(peer_name, app)
-    try:
-        await _pull(cfg, peer_name, app, pre_backup, keep_urls, incremental, compress, progress, note,
-                    report)
-    except PeerkitError as exc:
-        exc.report = report  # type: ignore[attr-defined]
-        log_transfer(cfg, "pull", report, exc)
-        raise
-    except (asyncio.CancelledError, KeyboardInterrupt):
-        stopped = Interrupted("before the swap; the local app is unchanged")
-        stopped.report = report  # type: ignore[attr-defined]
-        log_transfer(cfg, "pull", report, stopped)
-        raise stopped from None
-    log_transfer(cfg, "pull", report, None)
+    await run_transfer(cfg, "pull", report, _pull(cfg, peer_name, app, pre_backup, keep_urls, incremental,
+                                                   compress, progress, note, report),
+                       "before the swap; the local app is unchanged")
     return report
 
 
@@ -150,36 +140,30 @@ async def _pull(cfg: Config, peer_name: str, app: str, pre_backup: bool, keep_ur
     if not grammar.is_slug(app):
         raise BadSlug(repr(app[:80]))
     loop = asyncio.get_running_loop()
-    task = asyncio.current_task()
-    with contextlib.suppress(NotImplementedError, RuntimeError):
-        loop.add_signal_handler(signal.SIGTERM, task.cancel)
-    try:
-        with Receiver(cfg, app, peer_name, report) as receiver:
-            with PeerStore(cfg.db_path) as store, report.stage("ping"):
-                conn = await open_peer(cfg, store, peer_name, note)
-            async with conn:
-                with report.stage("inventory"):
-                    inventory = await list_apps(conn)
-                    entry = next((a for a in inventory["apps"] if a["slug"] == app), None)
-                    if entry is None:
-                        raise NoSuchApp(f"{peer_name} has no app {app}")
-                    check_space(cfg.apps_dir, entry["size_kb"] * 1024)
-                receiver.backup(pre_backup, "--no-pre-backup", "pre-pull")
-                use_rsync, compressed = _transfer_mode(cfg, conn, incremental, compress, report, note)
-                staging = receiver.new_staging()
-                started = time.monotonic()
-                if use_rsync:
-                    await _rsync_transfer(cfg, conn, app, staging, receiver.live, report)
-                else:
-                    await _tar_transfer(conn, cfg, app, entry["size_kb"], staging, compressed, report,
-                                        progress)
-                _remember_rate(cfg, peer_name, report.bytes, time.monotonic() - started, use_rsync)
-            with contextlib.suppress(NotImplementedError, RuntimeError):
-                loop.remove_signal_handler(signal.SIGTERM)
-            receiver.commit(inventory["domain"], keep_urls)
-    finally:
+    with Receiver(cfg, app, peer_name, report) as receiver:
+        with PeerStore(cfg.db_path) as store, report.stage("ping"):
+            conn = await open_peer(cfg, store, peer_name, note)
+        async with conn:
+            with report.stage("inventory"):
+                inventory = await list_apps(conn)
+                entry = next((a for a in inventory["apps"] if a["slug"] == app), None)
+                if entry is None:
+                    raise NoSuchApp(f"{peer_name} has no app {app}")
+                check_space(cfg.apps_dir, entry["size_kb"] * 1024)
+            receiver.backup(pre_backup, "--no-pre-backup", "pre-pull")
+            use_rsync, compressed = _transfer_mode(cfg, conn, incremental, compress, report, note)
+            staging = receiver.new_staging()
+            started = time.monotonic()
+            if use_rsync:
+                await _rsync_transfer(cfg, conn, app, staging, receiver.live, report)
+            else:
+                await _tar_transfer(conn, cfg, app, entry["size_kb"], staging, compressed, report,
+                                    progress)
+            _remember_rate(cfg, peer_name, report.bytes, time.monotonic() - started, use_rsync)
+        # From the stop hook on, signals are held (commit), not turned into cancellation.
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.remove_signal_handler(signal.SIGTERM)
+        receiver.commit(inventory["domain"], keep_urls)
 
 
 def _remember_rate(cfg: Config, peer_name: str, wire_bytes: int, seconds: float, rsync: bool) -> None:

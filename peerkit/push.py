@@ -9,10 +9,7 @@ and answers with a short result.  Our own app is only read.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import json
 import os
-import signal
 import subprocess
 from typing import Any
 
@@ -20,15 +17,17 @@ import asyncssh
 
 from . import grammar
 from .apps import archive_size, tar_command
-from .client import PeerConnection, StreamResult, open_peer, raise_remote
+from .client import PeerConnection, StreamResult, last_json, open_peer, raise_remote, remote_error
 from .compress import choose, zstd_binary
 from .config import Config
-from .errors import (BadSlug, Interrupted, NoSuchApp, PeerkitError, PeerRefused, PeerUnreachable,
+from .errors import (BadSlug, NoSuchApp, PeerkitError, PeerRefused, PeerUnreachable,
                      ProtocolError, TransferIncomplete)
-from .install import NoteFn, ProgressFn, Report, log_transfer
+from .install import NoteFn, ProgressFn, Report, run_transfer
 from .state import PeerStore
 
 _CHUNK = 1 << 20
+# Held back until our tar (and zstd) succeeded: covers tar's last 10 KiB record.
+_TAIL = 20 << 10
 _ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LC_ALL": "C"}
 
 
@@ -44,15 +43,6 @@ def _receive_command(app: str, *, compressed: bool, keep_urls: bool, skip_backup
     if domain:
         words += ["--domain", domain]
     return " ".join(words)
-
-
-def _last_json(data: bytes) -> dict[str, Any] | None:
-    for line in reversed(data.decode("utf-8", "replace").splitlines()):
-        with contextlib.suppress(ValueError):
-            obj = json.loads(line)
-            if isinstance(obj, dict):
-                return obj
-    return None
 
 
 async def _send_tar(conn: PeerConnection, cfg: Config, app: str, command: str, compressed: bool,
@@ -90,14 +80,29 @@ async def _send_tar(conn: PeerConnection, cfg: Config, app: str, command: str, c
     readers = [asyncio.ensure_future(drain(proc.stdout, out)), asyncio.ensure_future(drain(proc.stderr, err))]
     sent = 0
 
-    async def feed_remote() -> None:
+    async def send(data: bytes) -> None:
         nonlocal sent
+        proc.stdin.write(data)
+        await proc.stdin.drain()
+        sent += len(data)
+        if progress is not None:
+            progress("transfer", sent, None if compressed else total)
+
+    async def feed_remote() -> None:
+        # The last _TAIL bytes (tar's end-of-archive record, or the end of the
+        # zstd frame) go out only once tar and zstd exited 0: a tar that could
+        # not read a file still writes a well-formed archive, which the peer
+        # must not install.  Without that end, it discards the stream.
+        held = b""
         while data := await read_chunk():
-            proc.stdin.write(data)
-            await proc.stdin.drain()
-            sent += len(data)
-            if progress is not None:
-                progress("transfer", sent, None if compressed else total)
+            held += data
+            if len(held) > _TAIL:
+                await send(held[:-_TAIL])
+                held = held[-_TAIL:]
+        statuses = await loop.run_in_executor(None, lambda: [p.wait() for p in procs])
+        if any(statuses):
+            raise PeerkitError(f"reading our app failed (tar/zstd exited {statuses})")
+        await send(held)
         proc.stdin.write_eof()
 
     writer = asyncio.ensure_future(feed_remote())
@@ -112,7 +117,10 @@ async def _send_tar(conn: PeerConnection, cfg: Config, app: str, command: str, c
                 writer.cancel()
                 report.notes.append("the peer stopped reading before the end")
             elif writer.exception() is not None and not finished.done():
-                raise TransferIncomplete(f"sending failed: {writer.exception()}")
+                failure = writer.exception()
+                if isinstance(failure, PeerkitError):
+                    raise failure  # our tar failed: the peer got no end of archive
+                raise TransferIncomplete(f"sending failed: {failure}")
             result = await finished
             await asyncio.gather(*readers)
             report.bytes = sent
@@ -133,18 +141,11 @@ async def _send_tar(conn: PeerConnection, cfg: Config, app: str, command: str, c
         raise
     status = result.exit_status
     if status != 0:
-        raise_remote(conn.peer.name, StreamResult(status, sent, bytes(err), _error_code(bytes(err))))
-    answer = _last_json(bytes(out))
+        raise_remote(conn.peer.name, StreamResult(status, sent, bytes(err), remote_error(bytes(err))))
+    answer = last_json(bytes(out))
     if answer is None or answer.get("ok") is not True:
         raise ProtocolError(f"{conn.peer.name}: no result from receive-app")
     return answer
-
-
-def _error_code(stderr: bytes) -> str | None:
-    obj = _last_json(stderr)
-    if obj and obj.get("ok") is False and isinstance(obj.get("error"), str):
-        return obj["error"][:40]
-    return None
 
 
 async def _send_rsync(conn: PeerConnection, cfg: Config, app: str, report: Report) -> dict[str, Any]:
@@ -152,7 +153,7 @@ async def _send_rsync(conn: PeerConnection, cfg: Config, app: str, report: Repor
 
     with report.stage("transfer"):
         report.bytes, stderr = await run_push(cfg, conn.peer, app, cfg.apps_dir / app)
-    answer = _last_json(stderr)
+    answer = last_json(stderr)
     return answer if answer and answer.get("ok") is True else {"ok": True}
 
 
@@ -161,7 +162,8 @@ async def push_app(cfg: Config, peer_name: str, app: str, *, pre_backup: bool = 
                    progress: ProgressFn | None = None, note: NoteFn | None = None) -> Report:
     """Push ``app`` to ``peer_name``; raise a PeerkitError with ``.report`` on failure."""
     report = Report(peer_name, app)
-    try:
+
+    async def work() -> None:
         answer = await _push(cfg, peer_name, app, pre_backup, keep_urls, incremental, compress, progress,
                              note, report)
         report.files = int(answer.get("files") or 0)
@@ -169,16 +171,8 @@ async def push_app(cfg: Config, peer_name: str, app: str, *, pre_backup: bool = 
         remote = answer.get("stages") or []
         report.notes.append("peer: " + ", ".join(f"{s.get('name')} {s.get('outcome')}" for s in remote
                                                   if isinstance(s, dict)))
-    except PeerkitError as exc:
-        exc.report = report  # type: ignore[attr-defined]
-        log_transfer(cfg, "push", report, exc)
-        raise
-    except (asyncio.CancelledError, KeyboardInterrupt):
-        stopped = Interrupted("the peer discards a push it did not receive whole")
-        stopped.report = report  # type: ignore[attr-defined]
-        log_transfer(cfg, "push", report, stopped)
-        raise stopped from None
-    log_transfer(cfg, "push", report, None)
+
+    await run_transfer(cfg, "push", report, work(), "the peer discards a push it did not receive whole")
     return report
 
 
@@ -190,10 +184,6 @@ async def _push(cfg: Config, peer_name: str, app: str, pre_backup: bool, keep_ur
     live = cfg.apps_dir / app
     if not live.is_dir() or live.is_symlink():
         raise NoSuchApp(f"no local app {app} in {cfg.apps_dir}")
-    loop = asyncio.get_running_loop()
-    task = asyncio.current_task()
-    with contextlib.suppress(NotImplementedError, RuntimeError):
-        loop.add_signal_handler(signal.SIGTERM, task.cancel)
     try:
         with PeerStore(cfg.db_path) as store, report.stage("ping"):
             conn = await open_peer(cfg, store, peer_name, note)
@@ -212,8 +202,8 @@ async def _push(cfg: Config, peer_name: str, app: str, pre_backup: bool, keep_ur
                 report.notes.append(text)
                 if note is not None:
                     note(f"note: {text}")
-            rate = cfg.link_mbps or conn.peer.config.get("link_mbps")
-            compressed, why = choose(compress, host=conn.peer.config["host"], link_mbps=rate,
+            compressed, why = choose(compress, host=conn.peer.config["host"], link_mbps=cfg.link_mbps,
+                                     measured_mbps=conn.peer.config.get("link_mbps"),
                                      remote_has_zstd="zstd" in conn.features)
             report.notes.append(f"{'zstd' if compressed else 'no'} compression: {why}")
             command = _receive_command(app, compressed=compressed, keep_urls=keep_urls,
@@ -223,6 +213,3 @@ async def _push(cfg: Config, peer_name: str, app: str, pre_backup: bool, keep_ur
         if any(s.name == "transfer" for s in report.stages):
             raise TransferIncomplete(exc.detail) from None
         raise
-    finally:
-        with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.remove_signal_handler(signal.SIGTERM)

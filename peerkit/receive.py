@@ -37,15 +37,16 @@ def _stream_hooks(cfg: Config, peer: Peer, slug: str, app_dir: Path, event: dict
     """Run pre_stream before the block and post_stream after it, whatever happens."""
     run = lambda hook: hooks.run_hook(  # noqa: E731
         hook, getattr(cfg.hooks, hook), app=slug, app_dir=app_dir, peer=peer.name, timeout=cfg.hooks.timeout)
-    if cfg.hooks.pre_stream:
-        try:
-            run("pre_stream")
-        except HookFailed as exc:
-            event["hook"] = f"pre_stream failed: {exc.detail}"
-            raise StreamFailed("pre_stream hook failed") from None
     try:
+        if cfg.hooks.pre_stream:
+            try:
+                run("pre_stream")
+            except HookFailed as exc:
+                event["hook"] = f"pre_stream failed: {exc.detail}"
+                raise StreamFailed("pre_stream hook failed") from None
         yield
     finally:
+        # Also after a failed pre_stream: whatever it paused must resume.
         if cfg.hooks.post_stream:
             try:
                 run("post_stream")
@@ -86,7 +87,7 @@ def serve_rsync(cfg: Config, peer: Peer, request: Request, fds: tuple[int, int, 
         if status != 0:
             raise StreamFailed(f"rsync exited {status}")
         return None
-    _require_push(peer)
+    _require_push(peer, request.slug)
     report = Report(peer.name, request.slug)
     try:
         with Receiver(cfg, request.slug, peer.name, report) as receiver:
@@ -111,17 +112,21 @@ def serve_rsync(cfg: Config, peer: Peer, request: Request, fds: tuple[int, int, 
     return public_report(report)
 
 
-def _require_push(peer: Peer) -> None:
-    # Push replaces one of our apps: only for peers we explicitly granted it.
+def _require_push(peer: Peer, slug: str) -> None:
+    # Push replaces one of our apps: only for peers we explicitly granted it,
+    # and only apps they may see (a denied app must not be overwritten, nor
+    # its existence revealed by the answer).
     if not peer.may_push:
         raise PeerRefused(f"{peer.name} may not push")
+    if not peer.may_see(slug):
+        raise PeerRefused(f"{peer.name} may not push {slug}: the app is denied to it")
 
 
 def receive_app(cfg: Config, peer: Peer, request: Request, stdin_fd: int,
                 event: dict[str, Any]) -> dict[str, Any]:
     """Serve ``receive-app``: read a tar (or tar.zst) from stdin and install it as our app."""
     assert request.slug is not None
-    _require_push(peer)
+    _require_push(peer, request.slug)
     report = Report(peer.name, request.slug)
     skip_backup = "--no-pre-backup" in request.flags and cfg.sender_may_skip_backup
     try:

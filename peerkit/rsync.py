@@ -13,14 +13,13 @@ command run is rebuilt from it with our absolute path and ``--``.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import re
 import shutil
 import tempfile
 from pathlib import Path
 
-from .client import encryption_algs
+from .client import StreamResult, encryption_algs, raise_remote, remote_error
 from .config import Config
 from .errors import PeerkitError, TransferIncomplete
 from .state import Peer
@@ -112,24 +111,12 @@ async def _run(cfg: Config, peer: Peer, make_argv) -> tuple[bytes, bytes]:
             await proc.wait()
             raise
     if proc.returncode != 0:
-        code = _remote_code(err)
+        code = remote_error(err)
         if code is not None:
             # peer-shell refused or failed and said why on stderr.
-            from .client import StreamResult, raise_remote
             raise_remote(peer.name, StreamResult(proc.returncode, 0, err, code))
         raise TransferIncomplete(f"rsync exited {proc.returncode}: {err.decode('utf-8', 'replace')[-300:]}")
     return out, err
-
-
-def _remote_code(stderr: bytes) -> str | None:
-    for line in reversed(stderr.decode("utf-8", "replace").splitlines()):
-        try:
-            obj = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(obj, dict) and obj.get("ok") is False and isinstance(obj.get("error"), str):
-            return obj["error"][:40]
-    return None
 
 
 def parse_sent(stats: bytes) -> int:

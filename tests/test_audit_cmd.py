@@ -17,6 +17,7 @@ import pytest
 from peerkit import audit, pairing
 from peerkit.cli.main import run
 from peerkit.config import Config
+from tests.instances import make_instance
 from tests.conftest import run_peerkit
 
 PEER_SHELL = Path(sys.executable).parent / "peer-shell"
@@ -26,16 +27,6 @@ FIRST = [("beta", "ping", "192.0.2.7"), ("gamma", "ping", "198.51.100.3"), ("bet
          ("beta", "sh -c id", "192.0.2.7")]
 SECOND = [("gamma", "stream-app blog", "198.51.100.3"), ("beta", "stream-app missing", "192.0.2.7"),
           ("delta", "ping", "203.0.113.5")]  # delta is not paired: refused, and logged
-
-
-def make_instance(root: Path, name: str) -> Config:
-    overrides = {
-        "name": name, "apps_dir": str(root / "apps"), "backups_dir": str(root / "backups"),
-        "state_dir": str(root / "state"), "peer_shell": str(PEER_SHELL),
-        "ssh": {"user": "peer", "host": f"{name}.example.test", "port": 22, "identity": str(root / "id"),
-                "authorized_keys": str(root / "ssh" / "authorized_keys"), "host_keys": []},
-    }
-    return pairing.init(root / "config.yaml", overrides).config
 
 
 def call(cfg: Config, peer: str, command: str, client: str) -> subprocess.CompletedProcess:

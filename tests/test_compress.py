@@ -127,6 +127,34 @@ def test_pull_mode_uses_configured_then_measured_link_speed(configured, measured
     assert report.notes and report.notes[-1].startswith("zstd compression" if expected else "no compression")
 
 
+@pytest.mark.parametrize("here,there,expected", [
+    (True, True, None),
+    (False, True, "rsync is not available here: falling back to a full transfer"),
+    (True, False, "rsync is not available on beta: falling back to a full transfer"),
+    (False, False, "rsync is not available here or on beta: falling back to a full transfer"),
+])
+def test_incremental_mode_and_its_fallback_note(here, there, expected, monkeypatch):
+    from peerkit import rsync
+    from peerkit.install import Report
+    from peerkit.pull import _transfer_mode
+
+    # A missing local rsync is simulated through rsync.rsync_binary (read at call time).
+    monkeypatch.setattr(rsync, "rsync_binary", lambda: "/usr/bin/rsync" if here else None)
+    monkeypatch.setattr(compress, "zstd_binary", lambda: "/usr/bin/zstd")
+    conn = SimpleNamespace(peer=SimpleNamespace(name="beta", config={"host": REMOTE}),
+                           features=frozenset({"zstd", "receive-app"} | ({"rsync"} if there else set())))
+    notes: list[str] = []
+    report = Report("beta", "app")
+    use_rsync, compressed = _transfer_mode(SimpleNamespace(link_mbps=None), conn, True, "auto", report,
+                                           notes.append)
+    assert use_rsync is (expected is None)
+    if expected is None:
+        assert compressed is False and report.notes == [] and notes == []
+    else:
+        assert compressed is True  # the full transfer then follows the compression rules
+        assert report.notes[0] == expected and notes == [f"note: {expected}"]
+
+
 # -- ZstdFeeder ----------------------------------------------------------------------
 
 def zstd_compress(data: bytes, *args: str) -> bytes:

@@ -21,6 +21,7 @@ from peerkit.errors import (BadName, ConfigError, KeyInUse, NoSuchPeer, PeerExis
 from peerkit.keys import PublicKey
 from peerkit.state import PeerStore
 from peerkit.token import Token, emit_token, parse_token
+from tests.instances import make_instance
 
 PEER_SHELL = Path(sys.executable).parent / "peer-shell"
 FOREIGN = (
@@ -29,17 +30,6 @@ FOREIGN = (
     "\n"
     "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIF9hbGljZV9sYXB0b3Bfa2V5X2Zvcl90ZXN0cw admin@laptop\n"
 )
-
-
-def make_instance(root: Path, name: str, **ssh) -> Config:
-    """Initialise a peerkit instance whose every file lives under ``root``."""
-    overrides = {
-        "name": name, "apps_dir": str(root / "apps"), "backups_dir": str(root / "backups"),
-        "state_dir": str(root / "state"), "peer_shell": str(PEER_SHELL),
-        "ssh": {"user": "peer", "host": f"{name}.example.test", "port": 22, "identity": str(root / "id"),
-                "authorized_keys": str(root / "ssh" / "authorized_keys"), "host_keys": [], **ssh},
-    }
-    return pairing.init(root / "config.yaml", overrides).config
 
 
 def token_of(cfg: Config, version: str = "v2") -> str:

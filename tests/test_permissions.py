@@ -15,6 +15,7 @@ from peerkit.errors import BadPermission, BadSlug, NoSuchPeer
 from peerkit.identity import read_identity
 from peerkit.permissions import change, describe, parse_expiry, parse_source
 from peerkit.state import DEFAULT_PERMISSIONS, PeerStore
+from tests.instances import make_instance
 
 PEER_SHELL = Path(sys.executable).parent / "peer-shell"
 FOREIGN = (
@@ -24,16 +25,6 @@ FOREIGN = (
     "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIF9hbGljZV9sYXB0b3Bfa2V5X2Zvcl90ZXN0cw admin@laptop\n"
 )
 UTC = timezone.utc
-
-
-def make_instance(root: Path, name: str) -> Config:
-    overrides = {
-        "name": name, "apps_dir": str(root / "apps"), "backups_dir": str(root / "backups"),
-        "state_dir": str(root / "state"), "peer_shell": str(PEER_SHELL),
-        "ssh": {"user": "peer", "host": f"{name}.example.test", "port": 22, "identity": str(root / "id"),
-                "authorized_keys": str(root / "ssh" / "authorized_keys"), "host_keys": []},
-    }
-    return pairing.init(root / "config.yaml", overrides).config
 
 
 def token_of(cfg: Config) -> str:

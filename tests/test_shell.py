@@ -14,19 +14,10 @@ from peerkit import __version__, audit, pairing
 from peerkit.apps import archive_size
 from peerkit.config import Config
 from peerkit.state import PeerStore
+from tests.instances import make_instance
 
 PEER_SHELL = Path(sys.executable).parent / "peer-shell"
 SSH_CONNECTION = "192.0.2.7 50123 192.0.2.1 22"
-
-
-def make_instance(root: Path, name: str) -> Config:
-    overrides = {
-        "name": name, "apps_dir": str(root / "apps"), "backups_dir": str(root / "backups"),
-        "state_dir": str(root / "state"), "peer_shell": str(PEER_SHELL),
-        "ssh": {"user": "peer", "host": f"{name}.example.test", "port": 22, "identity": str(root / "id"),
-                "authorized_keys": str(root / "ssh" / "authorized_keys"), "host_keys": []},
-    }
-    return pairing.init(root / "config.yaml", overrides).config
 
 
 @pytest.fixture(scope="module")

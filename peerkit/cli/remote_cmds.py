@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Callable
 
 import click
 
@@ -10,6 +11,18 @@ from ..config import read_config
 from ..errors import PeerkitError
 from .main import Context, common_options
 from .progress import Progress
+
+
+def transfer_options(func: Callable) -> Callable:
+    """Options shared by pull and push, plus --config and --json."""
+    func = click.option("--progress/--no-progress", "show_progress", default=None,
+                        help="Force the progress bar on or off (default: on when stderr is a terminal).")(func)
+    func = click.option("--compress", type=click.Choice(["auto", "zstd", "none"]), default="auto",
+                        show_default=True,
+                        help="Compress the stream with zstd (auto: when the link is slower than the CPU).")(func)
+    func = click.option("--incremental", is_flag=True,
+                        help="Move only what changed (rsync; falls back to a full copy).")(func)
+    return common_options(func)
 
 
 @click.command(epilog="""\b
@@ -73,12 +86,7 @@ Examples:
 @click.argument("app", required=False)
 @click.option("--no-pre-backup", is_flag=True, help="Skip the snapshot of the local app before replacing it.")
 @click.option("--keep-urls", is_flag=True, help="Do not rewrite the peer's domain to ours.")
-@click.option("--incremental", is_flag=True, help="Move only what changed (rsync; falls back to a full copy).")
-@click.option("--compress", type=click.Choice(["auto", "zstd", "none"]), default="auto", show_default=True,
-              help="Compress the stream with zstd (auto: when the link is slower than the CPU).")
-@click.option("--progress/--no-progress", "show_progress", default=None,
-              help="Force the progress bar on or off (default: on when stderr is a terminal).")
-@common_options
+@transfer_options
 def pull(obj: Context, peer: str, app: str, no_pre_backup: bool, keep_urls: bool, incremental: bool,
          compress: str, show_progress: bool | None) -> None:
     """Copy APP from PEER into the local apps directory, safely.
@@ -133,12 +141,7 @@ Examples:
 @click.option("--no-pre-backup", is_flag=True,
               help="Ask the peer to skip its pre-backup (it decides; by default it backs up anyway).")
 @click.option("--keep-urls", is_flag=True, help="Ask the peer not to rewrite our domain to its own.")
-@click.option("--incremental", is_flag=True, help="Move only what changed (rsync; falls back to a full copy).")
-@click.option("--compress", type=click.Choice(["auto", "zstd", "none"]), default="auto", show_default=True,
-              help="Compress the stream with zstd (auto: when the link is slower than the CPU).")
-@click.option("--progress/--no-progress", "show_progress", default=None,
-              help="Force the progress bar on or off (default: on when stderr is a terminal).")
-@common_options
+@transfer_options
 def push(obj: Context, peer: str, app: str, no_pre_backup: bool, keep_urls: bool, incremental: bool,
          compress: str, show_progress: bool | None) -> None:
     """Copy our APP to PEER, which installs it by its own rules.

@@ -148,6 +148,9 @@ def pair(cfg: Config, token_text: str, name: str | None = None, *, replace: bool
             if existing.config.get("fingerprint") == token.fingerprint:
                 peer.status, peer.last_seen = existing.status, existing.last_seen
                 peer.permissions = existing.permissions
+                # Re-pairing without a new expiry must not silently lift the old one.
+                if expires_at is None:
+                    peer.expires_at = existing.expires_at
                 recorded = existing.config.get("host_key")
                 # The host key seen earlier stays pinned unless the new token
                 # pins other keys (the peer re-keyed its sshd).

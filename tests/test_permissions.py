@@ -375,6 +375,17 @@ def test_repairing_the_same_key_keeps_permissions(paired, beta):
     assert row(paired).permissions == granted
 
 
+def test_repairing_without_expiry_keeps_the_old_expiry(paired, beta):
+    later = datetime.now(UTC) + timedelta(days=3)
+    pairing.pair(paired, token_of(beta), expires_at=later)
+    line = key_line(paired)
+    assert "expiry-time=" in line
+    # Pasting the same token again must not silently lift the expiry.
+    result = pairing.pair(paired, token_of(beta))
+    assert result.outcome == "unchanged" and key_line(paired) == line
+    assert row(paired).expires_at == later.isoformat(timespec="seconds")
+
+
 def test_replace_with_a_new_key_resets_permissions(paired, tmp_path):
     change(paired, "beta", allow=False, apps=("wiki",))
     change(paired, "beta", allow=True, push=True, sources=("192.0.2.7",))

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import asyncssh
+from asyncssh.packet import PacketDecodeError
 
 from .config import Config
 from .errors import (AppBusy, BackupFailed, BadSlug, HookFailed, HostKeyMismatch, IdentityError, NoSpace,
@@ -183,7 +184,8 @@ class PeerConnection:
                 if not closed.done():
                     closed.cancel()
             closed.result()
-        except (asyncssh.Error, OSError) as exc:
+        # PacketDecodeError (a ValueError, not an asyncssh.Error): a malformed packet off the wire.
+        except (asyncssh.Error, OSError, PacketDecodeError) as exc:
             if sink.failure is not None:
                 raise sink.failure from None
             raise PeerUnreachable(f"{self.peer.name}: connection lost: {exc}") from None
@@ -203,6 +205,9 @@ class PeerConnection:
             buf.extend(data)
 
         result = await self.stream(command, collect)
+        if result.exit_status is None and result.error_code is None:
+            # No exit status and no answer: the connection went away, nobody refused anything.
+            raise PeerUnreachable(f"{self.peer.name}: connection lost before {command!r} finished")
         if result.exit_status != 0:
             raise_remote(self.peer.name, result)
         try:
@@ -265,10 +270,11 @@ async def connect(cfg: Config, peer: Peer, store: PeerStore | None = None,
     except asyncssh.HostKeyNotVerifiable as exc:
         if client.mismatch or not str(exc).startswith("Unable"):
             raise HostKeyMismatch(f"{peer.name} at {pc['host']}:{pc['port']}: {exc}") from None
-        raise
+        # "Unable to decode host key": a garbled key exchange, not a verified other key.
+        raise PeerUnreachable(f"{peer.name} at {pc['host']}:{pc['port']}: {exc}") from None
     except asyncssh.PermissionDenied:
         raise PeerRefused(f"{peer.name} refused our key (not paired there, or revoked)") from None
-    except (OSError, asyncio.TimeoutError, asyncssh.Error) as exc:
+    except (OSError, asyncio.TimeoutError, asyncssh.Error, PacketDecodeError) as exc:
         raise PeerUnreachable(f"{peer.name} at {pc['host']}:{pc['port']}: {exc or type(exc).__name__}") \
             from None
     if not recorded and client.offered is not None:

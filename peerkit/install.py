@@ -125,6 +125,12 @@ def held_signals() -> Iterator[list[int]]:
             signal.signal(sig, handler)
 
 
+def raise_if_disk_full(exc: BaseException, where: Path) -> None:
+    """Turn a local disk-full error met while filling staging into NoSpace (else do nothing)."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        raise NoSpace(f"{where} filled up during the transfer ({exc.strerror})") from None
+
+
 def check_space(apps_dir: Path, need: int) -> None:
     """Refuse early when the filesystem of ``apps_dir`` cannot hold ``need`` bytes."""
     st = os.statvfs(apps_dir if apps_dir.exists() else apps_dir.parent)

@@ -25,7 +25,7 @@ from .compress import ZstdFeeder, choose
 from .config import Config
 from .errors import (BadSlug, NoSuchApp, PeerkitError, PeerUnreachable, TransferIncomplete,
                      UnsafeArchive)
-from .install import NoteFn, ProgressFn, Receiver, Report, check_space, run_transfer
+from .install import NoteFn, ProgressFn, Receiver, Report, check_space, raise_if_disk_full, run_transfer
 from .state import PeerStore
 
 # Drift between the peer's listing and its stream (files growing meanwhile).
@@ -74,10 +74,11 @@ async def _tar_transfer(conn: PeerConnection, cfg: Config, app: str, size_kb: in
                 feeder.finish()
             stats = extractor.finish()
             report.files = stats.files
-    except BaseException:
+    except BaseException as exc:
         if feeder is not None:
             feeder.abort()
         extractor.abort()
+        raise_if_disk_full(exc, staging.parent)
         raise
 
 

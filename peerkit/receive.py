@@ -25,7 +25,7 @@ from .command import Request
 from .compress import ZstdFeeder
 from .config import Config
 from .errors import HookFailed, NoSuchApp, PeerkitError, PeerRefused, StreamFailed, TransferIncomplete
-from .install import Receiver, Report, log_transfer
+from .install import Receiver, Report, log_transfer, raise_if_disk_full
 from .rsync import RSYNC_PATH, rsync_binary
 from .state import Peer
 
@@ -166,10 +166,11 @@ def _extract_stdin(cfg: Config, staging: Path, stdin_fd: int, compressed: bool, 
             if feeder is not None:
                 feeder.finish()
             report.files = extractor.finish().files
-    except BaseException:
+    except BaseException as exc:
         if feeder is not None:
             feeder.abort()
         extractor.abort()
+        raise_if_disk_full(exc, staging.parent)
         raise
 
 

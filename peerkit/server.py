@@ -71,6 +71,11 @@ def source_allowed(patterns: str, address: str) -> bool:
         ip = ipaddress.ip_address(address)
     except ValueError:
         return False
+    if ip.version == 6 and ip.ipv4_mapped is not None:
+        # As sshd does: an IPv4 client on a dual-stack socket is its IPv4
+        # address, or "!10.0.0.5" would not refuse "::ffff:10.0.0.5".
+        ip = ip.ipv4_mapped
+        address = str(ip)
     allowed = False
     for pattern in patterns.split(","):
         negated = pattern.startswith("!")
@@ -90,11 +95,14 @@ def source_allowed(patterns: str, address: str) -> bool:
 def expired(stamp: str, now: datetime | None = None) -> bool:
     """Tell whether an expiry-time= value lies in the past (Z = UTC, else local time)."""
     utc = stamp.endswith("Z")
-    digits = stamp.rstrip("Z")
+    digits = stamp[:-1] if utc else stamp  # one Z, as sshd reads it ("…ZZ" is malformed)
     fmt = {8: "%Y%m%d", 12: "%Y%m%d%H%M", 14: "%Y%m%d%H%M%S"}.get(len(digits))
-    if fmt is None or not digits.isdigit():
+    if fmt is None or not (digits.isascii() and digits.isdigit()):
         return True  # an unreadable expiry fails closed
-    when = datetime.strptime(digits, fmt)
+    try:
+        when = datetime.strptime(digits, fmt)
+    except ValueError:
+        return True  # digits, but no date (month 13, second 60): fails closed too
     when = when.replace(tzinfo=timezone.utc) if utc else when.astimezone()
     return (now or datetime.now(timezone.utc)) >= when
 
@@ -134,8 +142,11 @@ def find_grant(cfg: Config, key_b64: str, address: str) -> tuple[Grant | None, s
             return None, "key expired (expiry-time=)"
         words = options.get("command", "").split(" ")
         # Only peer-shell's own forced command is served; anything else in
-        # command= is not ours to interpret.
-        if len(words) != 4 or words[1] != "--config" or words[3] != entry.peer:
+        # command= (another program, a wrapper around peer-shell) is not ours
+        # to interpret: sshd would run it, and serving plain peer-shell
+        # instead would drop whatever it was put there for.
+        if (len(words) != 4 or words[0] != str(cfg.peer_shell) or words[1] != "--config"
+                or words[3] != entry.peer):
             return None, "key line has no peer-shell forced command"
         return Grant(entry.peer, words[2]), "ok"
     return None, "key not authorized"
@@ -150,6 +161,7 @@ class _State:
         self.cfg = cfg
         self.limits = limits
         self.connections = 0
+        self.live: set[_Server] = set()  # counted connections, closed on shutdown
         self.sessions: dict[str, int] = defaultdict(int)
         self.failures: dict[str, deque[float]] = defaultdict(deque)
 
@@ -174,6 +186,7 @@ class _Server(asyncssh.SSHServer):
         self.local = ("?", 0)
         self.grant: Grant | None = None
         self.counted = False
+        self.at_capacity = False
 
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
         self.conn = conn
@@ -189,16 +202,21 @@ class _Server(asyncssh.SSHServer):
         if state.connections >= state.limits.max_connections:
             state.log(client=self.address, client_port=self.port, verb="connect", outcome="refused",
                       reason=f"connection limit {state.limits.max_connections} reached")
+            # Turned away for lack of room, not for failing: a peer that
+            # retries while we are full must not lock itself out.
+            self.at_capacity = True
             conn.close()
             return
         state.connections += 1
+        state.live.add(self)
         self.counted = True
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.counted:
             self.state.connections -= 1
+            self.state.live.discard(self)
             self.counted = False
-        if self.grant is None and self.conn is not None:
+        if self.grant is None and self.conn is not None and not self.at_capacity:
             # Never authenticated: a failure of this source (scanners,
             # revoked keys, guessing).
             self.state.failures[self.address].append(time.monotonic())
@@ -246,7 +264,12 @@ class _Server(asyncssh.SSHServer):
         # Environment requests are refused: nothing of the client's
         # environment may reach peer-shell (LD_PRELOAD, PATH, ...).
         chan._process_env_request = _refuse_env  # type: ignore[attr-defined]
-        return chan, _Session(self)
+        # Counted from the channel's opening, not from its command: a client
+        # could otherwise open many channels first and start them all after.
+        state.sessions[peer] += 1
+        session = _Session(self)
+        session.counted = True
+        return chan, session
 
     def connection_requested(self, *args: Any) -> bool:
         return False  # no direct-tcpip (ssh -L, -D)
@@ -279,7 +302,7 @@ class _Session(asyncssh.SSHServerSession):
         self.writable = asyncio.Event()
         self.writable.set()
         self.tasks: list[asyncio.Task] = []
-        self.started = False
+        self.counted = False  # holds one of the peer's sessions until connection_lost
 
     def connection_made(self, chan: asyncssh.SSHServerChannel) -> None:
         self.chan = chan
@@ -305,8 +328,6 @@ class _Session(asyncssh.SSHServerSession):
         server = self.server
         grant = server.grant
         assert grant is not None and self.chan is not None
-        server.state.sessions[grant.peer] += 1
-        self.started = True
         ours, theirs = zip(*(socket.socketpair() for _ in range(3)))
         for sock in ours:
             sock.setblocking(False)
@@ -377,21 +398,37 @@ class _Session(asyncssh.SSHServerSession):
     def connection_lost(self, exc: Exception | None) -> None:
         # The client went away: closing our ends makes the worker's next
         # write fail, so it stops (and logs) instead of streaming into nothing.
+        # Take the sockets out of the event loop first: one closed while a
+        # relay's sock_recv still waits on it leaves a stale selector entry,
+        # and the next socket given the same descriptor number (the next
+        # session's) would never be polled, so that session hangs.
+        loop = asyncio.get_event_loop()
+        for sock in self.socks:
+            with contextlib.suppress(OSError, ValueError):
+                if sock.fileno() >= 0:
+                    loop.remove_reader(sock.fileno())
+                    loop.remove_writer(sock.fileno())
+        for task in self.tasks[:3]:
+            task.cancel()
         for sock in self.socks:
             with contextlib.suppress(OSError):
                 sock.close()
         self.inbox.put_nowait(None)
-        if self.started:
+        if self.counted:
             self.server.state.sessions[self.server.grant.peer] -= 1  # type: ignore[union-attr]
-            self.started = False
+            self.counted = False
 
 
 async def start(cfg: Config, *, listen: str, port: int, limits: Limits = Limits()) -> asyncssh.SSHAcceptor:
     """Start serving on ``listen``:``port``; return the acceptor (``.close()`` stops it)."""
+    return await _listen(cfg, listen, port, _State(cfg, limits))
+
+
+async def _listen(cfg: Config, listen: str, port: int, state: _State) -> asyncssh.SSHAcceptor:
     from .client import encryption_algs
 
+    limits = state.limits
     host_key = ensure_host_key(cfg)
-    state = _State(cfg, limits)
     try:
         return await asyncssh.listen(
             listen, port, server_host_keys=[host_key], server_factory=lambda: _Server(state),
@@ -407,7 +444,8 @@ async def serve_forever(cfg: Config, *, listen: str, port: int, limits: Limits =
     """Serve until SIGINT or SIGTERM."""
     import signal
 
-    acceptor = await start(cfg, listen=listen, port=port, limits=limits)
+    state = _State(cfg, limits)
+    acceptor = await _listen(cfg, listen, port, state)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -419,3 +457,14 @@ async def serve_forever(cfg: Config, *, listen: str, port: int, limits: Limits =
     finally:
         acceptor.close()
         await acceptor.wait_closed()
+        # Closing the acceptor leaves open connections open, and asyncio.run
+        # then waits for their peer-shell worker threads, which block on
+        # sockets nobody reads any more: serve would never exit.  Close them:
+        # each session's sockets close, its worker's next write fails, it
+        # logs the cut and returns, and the client sees the transfer end
+        # incomplete.
+        conns = [server.conn for server in list(state.live) if server.conn is not None]
+        for conn in conns:
+            conn.close()
+        if conns:
+            await asyncio.wait([asyncio.ensure_future(conn.wait_closed()) for conn in conns], timeout=10)

@@ -79,8 +79,9 @@ def serve(config_path: str, peer: str, original: str | None, env: dict[str, str]
             event["command"] = audit.clean(original)
         _say(stderr_fd, {"ok": False, "error": code})
         status = exc.exit_code
-    except BrokenPipeError:
+    except (BrokenPipeError, ConnectionResetError):
         # The client went away mid-reply; event["bytes"] says how far it got.
+        # (splice() into a socket whose reader closed says ECONNRESET.)
         event.update(outcome="disconnected")
         status = 1
     event["duration_ms"] = round((time.monotonic() - started) * 1000, 1)

@@ -60,6 +60,10 @@ def render(cfg: Config, *, user_mode: bool, peerkit: str | None = None) -> dict[
         text = (template_dir() / name).read_text(encoding="utf-8")
         for key, value in values.items():
             text = text.replace(key, value)
+        if user_mode:
+            # A user manager has no multi-user.target: enabling there would
+            # never start the service again after the first `--now`.
+            text = text.replace("WantedBy=multi-user.target", "WantedBy=default.target")
         out[name] = text.replace("\n\n\n", "\n\n")
     return out
 

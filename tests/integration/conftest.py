@@ -15,6 +15,20 @@ them.  Instances are created lazily, each owned by its own user:
   ``restrict``, to show that this sshd really grants what peerkit's lines
   are refused (so each refusal is the key line's doing, not the server's).
 
+Every test that uses these fixtures runs twice, once per server kind
+(``server_kind``, ids ``sshd`` and ``serve``), so every refusal proven
+under OpenSSH is proven under the embedded server too:
+
+* ``sshd``: one private OpenSSH sshd for every instance (``Sshd``).
+* ``serve``: each instance runs its own `peerkit serve` as its owner, on a
+  port of its own (``EmbeddedServer``); a fresh set of users, so nothing of
+  the sshd run leaks into it.
+
+A test that inspects what only OpenSSH has (its log, ``sshd -T``, the
+unrestricted control key line) says so with ``@pytest.mark.servers("sshd")``
+and a reason; tests that only hold under one kind of server branch on
+``instance.server.kind``.
+
 Without root or without /usr/sbin/sshd the tests skip, except under
 ``CI=true`` where that is a failure: CI must never go green by skipping.
 """
@@ -36,6 +50,24 @@ from tests.support import sshd as harness
 ROLES = ("alpha", "beta", "gamma", "delta", "epsilon", "control",
          "pull-src", "pull-dst", "ping-src", "ping-dst")
 PEER_NAMES = {role: f"site-{role}" for role in ROLES if role != "control"}
+SERVER_KINDS = ("sshd", "serve")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "servers(*kinds, reason): run only under these server kinds (default: sshd and serve)")
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Parametrize every test that reaches ``server_kind`` over the server kinds (session scope)."""
+    if "server_kind" not in metafunc.fixturenames:
+        return
+    marker = metafunc.definition.get_closest_marker("servers")
+    kinds = list(marker.args) if marker else list(SERVER_KINDS)
+    assert kinds and set(kinds) <= set(SERVER_KINDS), kinds
+    if marker:
+        assert marker.kwargs.get("reason"), f"{metafunc.definition.nodeid}: @servers needs a reason"
+    metafunc.parametrize("server_kind", kinds, indirect=True, scope="session", ids=kinds)
 
 
 def _in_ci() -> bool:
@@ -72,8 +104,14 @@ def venv_bin() -> Path:
 
 
 @pytest.fixture(scope="session")
-def users(harness_root: Path, venv_bin: Path) -> dict[str, harness.ThrowawayUser]:
-    """One throwaway account per role, deleted (with its home) at the end of the session."""
+def server_kind(request: pytest.FixtureRequest) -> str:
+    """"sshd" or "serve": which server the instances are reached through (see pytest_generate_tests)."""
+    return request.param
+
+
+@pytest.fixture(scope="session")
+def users(harness_root: Path, venv_bin: Path, server_kind: str) -> dict[str, harness.ThrowawayUser]:
+    """One throwaway account per role (per server kind), deleted with its home at the end."""
     created: dict[str, harness.ThrowawayUser] = {}
     try:
         for role in ROLES:
@@ -93,26 +131,72 @@ def users(harness_root: Path, venv_bin: Path) -> dict[str, harness.ThrowawayUser
             raise harness.HarnessError("; ".join(errors))
 
 
+class Servers:
+    """The server each role's instance is reached through, for one server kind."""
+
+    def __init__(self, kind: str, workdir: Path, users: dict[str, harness.ThrowawayUser],
+                 bin_dir: Path) -> None:
+        self.kind = kind
+        self.workdir = workdir
+        self.users = users
+        self.bin_dir = bin_dir
+        self.sshd: harness.Sshd | None = None
+        self.embedded: dict[str, harness.EmbeddedServer] = {}
+        if kind == "sshd":
+            self.sshd = harness.Sshd(workdir, [user.name for user in users.values()])
+            self.sshd.start()
+
+    @property
+    def known_hosts_path(self) -> Path:
+        return self.sshd.known_hosts_path if self.sshd else self.workdir / "known_hosts"
+
+    def for_role(self, role: str) -> harness.Sshd | harness.EmbeddedServer:
+        """The shared sshd, or a `peerkit serve` of the role's own (started by PeerkitInstance.init)."""
+        if self.sshd is not None:
+            return self.sshd
+        if role not in self.embedded:
+            self.embedded[role] = harness.EmbeddedServer(self.workdir, self.users[role],
+                                                         known_hosts_path=self.known_hosts_path,
+                                                         bin_dir=self.bin_dir)
+        return self.embedded[role]
+
+    def stop(self) -> None:
+        if self.sshd is not None:
+            self.sshd.stop()
+        for server in self.embedded.values():
+            server.stop()
+
+
 @pytest.fixture(scope="session")
-def sshd(harness_root: Path, users: dict[str, harness.ThrowawayUser]) -> harness.Sshd:
-    """A private sshd on 127.0.0.1 for the session, stopped at the end (before the users go)."""
-    server = harness.Sshd(harness_root / "sshd", [user.name for user in users.values()])
+def servers(harness_root: Path, users: dict[str, harness.ThrowawayUser], venv_bin: Path,
+            server_kind: str) -> Servers:
+    """The session's servers on 127.0.0.1 for this kind, stopped at the end (before the users go)."""
     try:
-        server.start()
+        made = Servers(server_kind, harness_root / server_kind, users, venv_bin)
     except harness.HarnessError as exc:
         pytest.fail(str(exc), pytrace=False)
-    yield server
-    server.stop()
+    yield made
+    made.stop()
 
 
 @pytest.fixture(scope="session")
-def make_instance(users, sshd, venv_bin):
+def sshd(servers: Servers) -> harness.Sshd:
+    """The private OpenSSH sshd; only for tests marked ``@pytest.mark.servers("sshd", reason=...)``."""
+    if servers.sshd is None:
+        pytest.fail("this test uses the OpenSSH sshd itself: mark it @pytest.mark.servers('sshd', reason=...) "
+                    "or use instance.server", pytrace=False)
+    return servers.sshd
+
+
+@pytest.fixture(scope="session")
+def make_instance(users, servers, venv_bin):
     """Return role -> initialised PeerkitInstance (created once per role, owned by its user)."""
     made: dict[str, harness.PeerkitInstance] = {}
 
     def make(role: str) -> harness.PeerkitInstance:
         if role not in made:
-            made[role] = harness.PeerkitInstance(users[role], PEER_NAMES[role], sshd, venv_bin).init()
+            made[role] = harness.PeerkitInstance(users[role], PEER_NAMES[role], servers.for_role(role),
+                                                 venv_bin).init()
         return made[role]
 
     make.made = made  # type: ignore[attr-defined]
@@ -158,9 +242,9 @@ def fresh_instance(make_instance):
 
 @pytest.fixture(scope="session")
 def control_login(harness_root: Path, users, sshd) -> tuple[harness.ThrowawayUser, Path]:
-    """(user, private key) whose authorized_keys line is `command="/bin/cat"` without `restrict`."""
+    """(user, private key) whose authorized_keys line is `command="/bin/cat"` without `restrict` (sshd only)."""
     user = users["control"]
-    key = harness_root / "control-key"
+    key = harness_root / f"control-key-{user.name}"
     harness.run_root(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "control", "-f", str(key)])
     public = key.with_name(key.name + ".pub").read_text(encoding="ascii").strip()
     user.run(["mkdir", "-p", "-m", "700", str(user.home / ".ssh")], check=True)

@@ -1,4 +1,4 @@
-"""`peerkit pull` end to end: the real CLI, a real sshd, real peer-shells.
+"""`peerkit pull` end to end: the real CLI, a real SSH server (sshd or `peerkit serve`), real peer-shells.
 
 Every pull runs ``peerkit pull PEER APP --json`` as the pulling instance's
 owner and asserts what a user would notice: the bytes on disk (through
@@ -21,6 +21,17 @@ Three instance pairs:
 These instances are deliberately not registered with ``make_instance``:
 the stand-in writes no audit line, which test_sshd_peer_shell.py's
 one-audit-line-per-session check would count against them.
+
+Server kinds (see conftest.py): the tests run through the private OpenSSH
+sshd (id ``sshd``) and a representative subset also through each
+instance's own `peerkit serve` (id ``serve``): the end-to-end pull both
+ways, the size cap, the hooks, the URL rewrite, host-key pinning (v2 and
+v1) and the ping statuses.  Left to sshd, each with its reason in its
+marker: the crafted, cut, held-back and interrupted streams, which need
+the stand-in forced command (serve runs peer-shell in-process and serves
+only peer-shell's own command= form, so there is no stand-in to run), and
+the restic pre-backup (purely local to the puller).  What the puller does
+with a hostile stream does not depend on the server that carried it.
 """
 
 from __future__ import annotations
@@ -351,14 +362,16 @@ class PullPair:
         standin = self.dir / "peer-shell-standin"
         src.user.write_file(standin, _STANDIN.replace("@DIR@", str(self.dir))
                             .replace("@PEER_SHELL@", str(src.peer_shell)).encode(), mode=0o755)
-        # Swap the forced command of dst's key line, keeping every option.
+        # Swap the forced command of dst's key line, keeping every option
+        # (sshd only: serve would refuse a line whose command is not peer-shell).
         lines = src.authorized_keys.read_text().splitlines()
         marker = f" peerkit:{dst.name}"
         [i] = [n for n, line in enumerate(lines) if line.endswith(marker)]
         prefix = f'command="{src.peer_shell} '
         assert lines[i].startswith("restrict,") and prefix in lines[i], lines[i]
-        lines[i] = lines[i].replace(prefix, f'command="{standin} ', 1)
-        src.user.write_file(src.authorized_keys, ("\n".join(lines) + "\n").encode(), mode=0o600)
+        if src.server.kind == "sshd":
+            lines[i] = lines[i].replace(prefix, f'command="{standin} ', 1)
+            src.user.write_file(src.authorized_keys, ("\n".join(lines) + "\n").encode(), mode=0o600)
         dst.user.write_file(self.hook, _HOOK.replace("@LOG@", str(self.hook_log)).encode(), mode=0o755)
         src.baseline = copy.deepcopy(src.settings)  # type: ignore[attr-defined]
         src.baseline["domain"] = SOURCE_DOMAIN  # type: ignore[attr-defined]
@@ -416,9 +429,9 @@ class PullPair:
 
 
 @pytest.fixture(scope="module")
-def pp(users, sshd, venv_bin) -> PullPair:
-    src = harness.PeerkitInstance(users["pull-src"], "site-pull-src", sshd, venv_bin).init()
-    dst = harness.PeerkitInstance(users["pull-dst"], "site-pull-dst", sshd, venv_bin).init()
+def pp(users, servers, venv_bin) -> PullPair:
+    src = harness.PeerkitInstance(users["pull-src"], "site-pull-src", servers.for_role("pull-src"), venv_bin).init()
+    dst = harness.PeerkitInstance(users["pull-dst"], "site-pull-dst", servers.for_role("pull-dst"), venv_bin).init()
     harness.pair_both_ways(src, dst)
     pair = PullPair(src, dst)
     pair.setup()
@@ -601,6 +614,7 @@ def hostile_outcomes(pp) -> dict[str, HostileOutcome]:
         return dict(zip(HOSTILE, pool.map(one, HOSTILE)))
 
 
+@pytest.mark.servers("sshd", reason="the stream comes from the stand-in forced command, which only sshd runs")
 @pytest.mark.parametrize("case", HOSTILE)
 def test_hostile_archive_changes_nothing(pp, hostile_outcomes, case):
     outcome = hostile_outcomes[case]
@@ -649,6 +663,7 @@ def _valid_archive(pp: PullPair, slug: str, size: int = 256 << 10) -> bytes:
     return pp.real_archive(slug)
 
 
+@pytest.mark.servers("sshd", reason="the stream comes from the stand-in forced command, which only sshd runs")
 @pytest.mark.parametrize("how", ["half-then-exit-0", "all-then-exit-3", "half-then-killed"])
 def test_cut_transfer_changes_nothing(pp, how):
     slug = f"cut-{how}"
@@ -788,6 +803,7 @@ def test_url_rewrite_repoints_config_files_only(pp, dst_config):
 
 # -- 8. one transfer per app -----------------------------------------------------------------
 
+@pytest.mark.servers("sshd", reason="the stream comes from the stand-in forced command, which only sshd runs")
 def test_second_pull_of_the_same_app_is_busy(pp):
     slug = "busy-app"
     source = snapshot(pp.source_app(slug, _small_app("new")))
@@ -818,6 +834,7 @@ def test_second_pull_of_the_same_app_is_busy(pp):
 
 # -- 9. SIGTERM during the transfer ------------------------------------------------------------
 
+@pytest.mark.servers("sshd", reason="the stream comes from the stand-in forced command, which only sshd runs")
 def test_sigterm_during_the_transfer_leaves_the_app_unchanged(pp):
     slug = "slow-app"
     data = _valid_archive(pp, slug, size=1 << 20)
@@ -839,6 +856,7 @@ def test_sigterm_during_the_transfer_leaves_the_app_unchanged(pp):
 
 # -- 10. restic pre-backup ---------------------------------------------------------------------
 
+@pytest.mark.servers("sshd", reason="the pre-backup is local to the puller; once is enough (time)")
 def test_restic_pre_backup(pp, dst_config):
     dst = pp.dst
     repo, password = dst.user.home / "restic-repo", dst.user.home / "restic-password"
@@ -893,9 +911,9 @@ class PingPair:
 
 
 @pytest.fixture(scope="module")
-def ping_pair(users, sshd, venv_bin) -> PingPair:
-    target = harness.PeerkitInstance(users["ping-src"], "site-ping-src", sshd, venv_bin).init()
-    client = harness.PeerkitInstance(users["ping-dst"], "site-ping-dst", sshd, venv_bin).init()
+def ping_pair(users, servers, venv_bin) -> PingPair:
+    target = harness.PeerkitInstance(users["ping-src"], "site-ping-src", servers.for_role("ping-src"), venv_bin).init()
+    client = harness.PeerkitInstance(users["ping-dst"], "site-ping-dst", servers.for_role("ping-dst"), venv_bin).init()
     harness.pair_both_ways(target, client)
     pair = PingPair(target, client)
     run = pair.ping()  # records the host key the v2 token pinned
@@ -923,7 +941,7 @@ def _no_new_audit_line(pair: PingPair, before: int) -> None:
     assert pair.audit_lines() == before, pair.target.audit_events()[before:]
 
 
-def test_host_key_mismatch_pinned_by_a_v2_token(restore_pairing, sshd, tmp_path):
+def test_host_key_mismatch_pinned_by_a_v2_token(restore_pairing, tmp_path):
     pair = restore_pairing
     peer = pair.target.name
     recorded = pair.status()
@@ -934,7 +952,7 @@ def test_host_key_mismatch_pinned_by_a_v2_token(restore_pairing, sshd, tmp_path)
 
     # (a) The token pinned other fingerprints (and nothing is recorded yet).
     edit_peer(pair.client, peer, host_key_fingerprints=[other_fp], host_key=None)
-    # (b) The recorded host key is another key; (c) of a type this sshd has
+    # (b) The recorded host key is another key; (c) of a type this server has
     # none of (a mismatch too, not a failed key exchange).
     for changes in ({}, {"host_key_fingerprints": pins, "host_key": other_key},
                     {"host_key_fingerprints": pins, "host_key": ecdsa_key}):
@@ -952,7 +970,7 @@ def test_host_key_mismatch_pinned_by_a_v2_token(restore_pairing, sshd, tmp_path)
         assert pair.status().get("host_key") == changes.get("host_key")
 
 
-def test_v1_token_records_the_host_key_on_first_use(restore_pairing, sshd, tmp_path):
+def test_v1_token_records_the_host_key_on_first_use(restore_pairing, tmp_path):
     pair = restore_pairing
     peer = pair.target.name
     v1 = peerkit(pair.target, "token", "--format", "v1").result["token"]
@@ -968,7 +986,7 @@ def test_v1_token_records_the_host_key_on_first_use(restore_pairing, sshd, tmp_p
     assert row["host_key"] and row["status"] == "ok"
     fp = harness.run_root(["ssh-keygen", "-l", "-E", "sha256", "-f", "/dev/stdin"],
                           input=row["host_key"] + "\n").stdout.split()[1]
-    assert fp in sshd.host_key_fingerprints()
+    assert fp in pair.target.server.host_key_fingerprints()
     assert "recorded" in first.stderr and fp in first.stderr, first.stderr
     assert first.stdout.count("\n") == 1  # the note is on stderr only
 

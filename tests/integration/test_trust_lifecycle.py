@@ -1,8 +1,13 @@
-"""The trust lifecycle through a real OpenSSH sshd: verify, deny/allow, revoke, expiry, from=, rotation.
+"""The trust lifecycle through a real SSH server: verify, deny/allow, revoke, expiry, from=, rotation.
 
 This module brings its own world (a module-scoped fixture): six throwaway
-users, one private sshd that lets exactly them in, and one peerkit instance
-per user, driven through the real CLI as that user.
+users, one peerkit instance per user, driven through the real CLI as that
+user, and the server peers reach them through.  Like the other integration
+modules it runs once per server kind (conftest.py): one private OpenSSH
+sshd that lets exactly these users in (id ``sshd``), or each instance's own
+`peerkit serve` running as its owner (id ``serve``).  Where sshd's log
+proves that sshd refused a key before peer-shell ran, the serve run checks
+peerkit-serve's auth refusal in the audit log instead, with its reason.
 
 * A <-> B: paired both ways; the pair that pulls, verifies and rotates.
 * C: paired on A (A holds a row for C, which the rotation finds unreachable);
@@ -57,7 +62,7 @@ def unavailable(reason: str) -> None:
 @dataclass
 class World:
     root: Path
-    sshd: harness.Sshd
+    kind: str  # "sshd" or "serve"
     inst: dict[str, harness.PeerkitInstance]
     pair_codes: dict[str, str]  # "a": the code `peerkit pair` printed on A (about B), "b": on B
 
@@ -69,7 +74,7 @@ class World:
 
 
 @pytest.fixture(scope="module")
-def world():
+def world(server_kind):
     problems = harness.missing_prerequisites()
     if problems:
         unavailable("; ".join(problems))
@@ -81,15 +86,23 @@ def world():
     root = harness.make_root("peerkit-lifecycle-")
     users: dict[str, harness.ThrowawayUser] = {}
     server = None
+    embedded: list[harness.EmbeddedServer] = []
     try:
         for role in ROLES:
             users[role] = harness.ThrowawayUser.create(root)
         problem = harness.check_runs_as(users["a"], bin_dir / "peer-shell")
         if problem:
             pytest.fail(problem, pytrace=False)
-        server = harness.Sshd(root / "sshd", [u.name for u in users.values()])
-        server.start()
-        inst = {role: harness.PeerkitInstance(users[role], f"site-{role}", server, bin_dir).init()
+        if server_kind == "sshd":
+            server = harness.Sshd(root / "sshd", [u.name for u in users.values()])
+            server.start()
+            servers = {role: server for role in ROLES}
+        else:
+            servers = {role: harness.EmbeddedServer(root / "serve", users[role], bin_dir=bin_dir,
+                                                    known_hosts_path=root / "serve" / "known_hosts")
+                       for role in ROLES}
+            embedded = list(servers.values())
+        inst = {role: harness.PeerkitInstance(users[role], f"site-{role}", servers[role], bin_dir).init()
                 for role in ROLES}
         a, b, c = inst["a"], inst["b"], inst["c"]
         codes = {"a": a.pair(b.token())["verification_code"], "b": b.pair(a.token())["verification_code"]}
@@ -100,10 +113,12 @@ def world():
         a.user.run(["mkdir", "-p", str(a.apps_dir / "wiki"), str(a.apps_dir / "blog")], check=True)
         a.user.write_file(a.apps_dir / "wiki" / "README", b"the wiki\n" * 300, mode=0o644)
         a.user.write_file(a.apps_dir / "blog" / "index.html", b"<h1>blog</h1>\n", mode=0o644)
-        yield World(root, server, inst, codes)
+        yield World(root, server_kind, inst, codes)
     finally:
         if server is not None:
             server.stop()
+        for one in embedded:
+            one.stop()
         errors = []
         for user in users.values():
             try:
@@ -130,7 +145,8 @@ def assert_refused(proc: subprocess.CompletedProcess, code: str, exit_code: int)
     assert proc.returncode == exit_code, proc.stderr
 
 
-def assert_denied_by_sshd(proc: subprocess.CompletedProcess) -> None:
+def assert_denied_by_server(proc: subprocess.CompletedProcess) -> None:
+    """The server refused the key: no login at all (sshd, or peerkit-serve)."""
     assert proc.returncode == 255, proc.stderr
     assert proc.stdout == b""
     assert b"Permission denied (publickey)" in proc.stderr
@@ -157,7 +173,19 @@ def ssh_with_key(user_of: harness.PeerkitInstance, key: Path, target: harness.Pe
 
 
 def new_events(inst: harness.PeerkitInstance, before: int) -> list[dict]:
-    return inst.audit_events()[before:]
+    """peer-shell's audit lines after the first ``before`` lines (not peerkit-serve's own)."""
+    return [e for e in inst.audit_events()[before:] if "server" not in e]
+
+
+def serve_refusals(inst: harness.PeerkitInstance, before: int) -> set[tuple[str, str, str]]:
+    """(verb, outcome, reason) of peerkit-serve's own audit lines after the first ``before`` lines."""
+    return {(e["verb"], e["outcome"], e["reason"]) for e in inst.audit_events()[before:]
+            if e.get("server") == "peerkit-serve"}
+
+
+def refused_by_serve(inst: harness.PeerkitInstance, before: int, reason: str) -> None:
+    """Under serve: the only thing peerkit-serve logged since ``before`` is an auth refusal for ``reason``."""
+    assert serve_refusals(inst, before) == {("auth", "refused", reason)}, inst.audit_events()[before:]
 
 
 def render_line(inst: harness.PeerkitInstance, peer_name: str, monkeypatch, *, as_written: bool = True,
@@ -268,7 +296,8 @@ def test_receive_app_is_refused_without_push_permission(world):
 def test_revoked_peer_is_refused_even_on_an_open_connection(world):
     import asyncssh
 
-    c, d, server = world.c, world.d, world.sshd
+    c, d = world.c, world.d
+    server = c.server
     key = asyncssh.read_private_key(str(d.identity))
     options = dict(port=server.port, username=c.user.name, client_keys=[key],
                    known_hosts=str(server.known_hosts_path), agent_path=None, config=[], connect_timeout=10)
@@ -294,14 +323,20 @@ def test_revoked_peer_is_refused_even_on_an_open_connection(world):
     assert [(e["peer"], e["verb"], e["outcome"]) for e in events] == [
         ("site-d", "ping", "ok"), ("site-d", "ping", "refused"), ("site-d", "list-apps", "refused")]
     assert "not paired" in events[1]["reason"]
-    assert_denied_by_sshd(d.ssh(c, "ping"))
-    assert len(c.audit_events()) == before + 3
+    assert_denied_by_server(d.ssh(c, "ping"))
+    assert len(new_events(c, before)) == 3
+    if world.kind == "sshd":
+        assert len(c.audit_events()) == before + 3
+    else:
+        # Both new connections were refused by serve itself: the key has no line.
+        refused_by_serve(c, before, "key not authorized")
 
 
 # -- c. expiry ----------------------------------------------------------------------
 
-def test_expiry_is_enforced_by_sshd_and_by_peer_shell(world, monkeypatch):
-    c, e, server = world.c, world.e, world.sshd
+def test_expiry_is_enforced_by_the_server_and_by_peer_shell(world, monkeypatch):
+    c, e = world.c, world.e
+    server = c.server
     started = datetime.now(UTC)
     result = c.pair(e.token(), "--ttl", "1h")
     expires = datetime.fromisoformat(result["peer"]["expires_at"])
@@ -312,15 +347,20 @@ def test_expiry_is_enforced_by_sshd_and_by_peer_shell(world, monkeypatch):
     assert row["expires_at"] == result["peer"]["expires_at"]
     assert ok_json(e.ssh(c, "ping"))["peer"] == "site-c"
 
-    # 1. sshd: the key line says it expired an hour ago.
+    # 1. The server (sshd or serve): the key line says it expired an hour ago.
     past = (datetime.now(UTC) - timedelta(hours=1)).replace(microsecond=0)
     expired_line = render_line(c, "site-e", monkeypatch, expires_at=past.isoformat())
     assert f'expiry-time="{past.strftime("%Y%m%d%H%M%S")}Z"' in expired_line
     replace_key_line(c, "site-e", expired_line)
     before, offset = len(c.audit_events()), server.log_offset()
-    assert_denied_by_sshd(e.ssh(c, "ping"))
-    assert f"Accepted publickey for {c.user.name}" not in server.log_since(offset)
-    assert len(c.audit_events()) == before  # peer-shell never ran
+    assert_denied_by_server(e.ssh(c, "ping"))
+    assert new_events(c, before) == []  # peer-shell never ran
+    if world.kind == "sshd":
+        assert f"Accepted publickey for {c.user.name}" not in server.log_since(offset)
+        assert len(c.audit_events()) == before
+    else:
+        refused_by_serve(c, before, "key expired (expiry-time=)")
+    before = len(c.audit_events())
 
     # 2. peer-shell: no expiry-time in the line, but the record has expired.
     replace_key_line(c, "site-e", render_line(c, "site-e", monkeypatch, as_written=False, expires_at=None))
@@ -328,7 +368,10 @@ def test_expiry_is_enforced_by_sshd_and_by_peer_shell(world, monkeypatch):
     assert sql(c, "UPDATE peers SET expires_at = ? WHERE name = ?", past.isoformat(), "site-e") == 1
     offset = server.log_offset()
     assert_refused(e.ssh(c, "ping"), "refused", PeerRefused.exit_code)
-    assert f"Accepted publickey for {c.user.name}" in server.log_since(offset)
+    if world.kind == "sshd":
+        assert f"Accepted publickey for {c.user.name}" in server.log_since(offset)
+    else:
+        assert serve_refusals(c, before) == set()  # serve let the key in
     [event] = new_events(c, before)
     assert (event["peer"], event["verb"], event["outcome"]) == ("site-e", "ping", "refused")
     assert "expired" in event["reason"]
@@ -339,15 +382,22 @@ def test_expiry_is_enforced_by_sshd_and_by_peer_shell(world, monkeypatch):
 def test_from_restricts_the_source_address(world):
     import asyncssh
 
-    c, f, server = world.c, world.f, world.sshd
+    c, f = world.c, world.f
+    server = c.server
     assert ok_json(f.ssh(c, "ping"))["peer"] == "site-c"
 
     c.cli("allow", "site-f", "--from", "127.0.0.2")
     [line] = key_lines(c, "site-f")
     assert line.startswith('restrict,from="127.0.0.2",command="')
     before = len(c.audit_events())
-    assert_denied_by_sshd(f.ssh(c, "ping"))  # from 127.0.0.1
-    assert len(c.audit_events()) == before
+    assert_denied_by_server(f.ssh(c, "ping"))  # from 127.0.0.1
+    assert new_events(c, before) == []
+    if world.kind == "serve":
+        refused_by_serve(c, before, "source address not allowed by from=")
+        assert {e["client"] for e in c.audit_events()[before:]} == {"127.0.0.1"}
+    else:
+        assert len(c.audit_events()) == before
+    before = len(c.audit_events())
     assert ok_json(f.ssh(c, "ping", options=["-b", "127.0.0.2"]))["peer"] == "site-c"
     [event] = new_events(c, before)
     assert (event["peer"], event["client"], event["outcome"]) == ("site-f", "127.0.0.2", "ok")
@@ -438,7 +488,7 @@ def test_rotate_key(world):
 
     assert a.cli("ping", "site-b")[1]["remote_name"] == "site-b"
     assert ok_json(a.ssh(b, "ping"))["peer"] == "site-b"
-    assert_denied_by_sshd(ssh_with_key(a, a_retired, b, "ping"))
+    assert_denied_by_server(ssh_with_key(a, a_retired, b, "ping"))
     assert ok_json(ssh_with_key(a, a.identity, b, "ping"))["peer"] == "site-b"
     code_mid, code_b = _codes(a, b)
     assert code_mid == code_b and code_mid != code_before and CODE.fullmatch(code_mid)
@@ -457,7 +507,7 @@ def test_rotate_key(world):
         [l for l in a_lines_before if not l.endswith(b" peerkit:site-b")]
     assert b.cli("ping", "site-a")[1]["remote_name"] == "site-a"
     assert ok_json(b.ssh(a, "ping"))["peer"] == "site-a"
-    assert_denied_by_sshd(ssh_with_key(b, b_retired, a, "ping"))
+    assert_denied_by_server(ssh_with_key(b, b_retired, a, "ping"))
     code_end, code_a_side = _codes(a, b)
     assert code_end == code_a_side and code_end not in (code_before, code_mid)
     # What A granted B survives both rotations.
@@ -474,7 +524,7 @@ def test_rotation_resumes_after_an_interruption(world):
     # What the interrupted run had done: B swapped A's key for the next one.
     reply = ok_json(a.ssh(b, f"replace-key {next_b64}"))
     assert reply["ok"] is True
-    assert_denied_by_sshd(a.ssh(b, "ping"))  # A's current key is no longer B's
+    assert_denied_by_server(a.ssh(b, "ping"))  # A's current key is no longer B's
 
     result = a.cli("rotate-key")[1]
     outcomes = {p["peer"]: p["outcome"] for p in result["peers"]}

@@ -16,6 +16,13 @@ Typical use::
         pair_both_ways(a, b)
         print(b.ssh(a, "ping").stdout)
     alice.delete(); bob.delete()
+
+:class:`EmbeddedServer` is the same for `peerkit serve`: one server process
+per instance, run as the instance's owner on its own loopback port, with a
+known_hosts file shared by all of them (a client pins its target's key)::
+
+    serve = EmbeddedServer(root / "serve", alice)
+    a = PeerkitInstance(alice, "site-a", serve).init()   # starts `peerkit serve`
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ import os
 import pwd
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -239,6 +247,8 @@ def check_runs_as(user: ThrowawayUser, executable: Path) -> str | None:
 class Sshd:
     """An sshd of our own: own host keys, own config, loopback only, logging to a file."""
 
+    kind = "sshd"
+
     def __init__(self, workdir: str | os.PathLike, allow_users: Sequence[str], *,
                  sshd: str = SSHD, log_level: str = "VERBOSE",
                  extra_config: Sequence[str] = ()) -> None:
@@ -432,6 +442,171 @@ class Sshd:
         return self.log_since(offset)
 
 
+# -- peerkit serve ---------------------------------------------------------------
+
+SERVE_HOST_KEY = "ssh_host_ed25519_key"  # under the instance's state_dir (Config.serve_host_key)
+# The per-source failure limit of `peerkit serve` counts every connection
+# that never authenticated, and every test client comes from 127.0.0.1: the
+# refusal tests alone would lock the address out.  Instances get a limit no
+# test reaches unless it configures its own (tests/integration/test_serve.py).
+HARNESS_MAX_AUTH_FAILURES = 1_000_000
+
+
+class EmbeddedServer:
+    """`peerkit serve` for one instance, run as the instance's owner: the embedded counterpart of :class:`Sshd`.
+
+    Same attributes the tests use from Sshd (``kind``, ``host``, ``port``,
+    ``known_hosts_path``, ``host_public_keys``, ``host_key_fingerprints()``,
+    ``stop()``, the ``log_*`` methods over the server's stderr), but the port
+    and host key are the instance's own.  The port is picked when the object
+    is made, so ``peerkit init --port`` can record it; :meth:`attach` (called
+    by :meth:`PeerkitInstance.init`) points the config at it and starts the
+    server, which generates its host key under state_dir on that first
+    start.  ``known_hosts`` is shared by every server made with the same
+    path, so any instance's OpenSSH client can reach any other's server.
+    """
+
+    kind = "serve"
+
+    def __init__(self, workdir: str | os.PathLike, user: ThrowawayUser, *,
+                 known_hosts_path: str | os.PathLike | None = None, bin_dir: Path | None = None) -> None:
+        self.workdir = Path(workdir)
+        self.user = user
+        self.host = LOOPBACK
+        self.port: int = free_port(self.host)
+        self.bin_dir = bin_dir or venv_bin()
+        self.known_hosts_path = Path(known_hosts_path) if known_hosts_path else self.workdir / "known_hosts"
+        self.log_path = self.workdir / f"serve-{user.name}.log"
+        self.instance: "PeerkitInstance | None" = None
+        self.proc: subprocess.Popen | None = None
+
+    def __repr__(self) -> str:
+        return f"<EmbeddedServer {self.user.name} on {self.host}:{self.port}>"
+
+    # -- key material -------------------------------------------------------------
+
+    @property
+    def host_key(self) -> Path:
+        if self.instance is None:
+            raise HarnessError("the server is not attached to an instance yet")
+        return self.instance.state_dir / SERVE_HOST_KEY
+
+    @property
+    def host_public_keys(self) -> list[Path]:
+        return [self.host_key.with_name(SERVE_HOST_KEY + ".pub")]
+
+    def host_key_fingerprints(self) -> list[str]:
+        return [run_root(["ssh-keygen", "-l", "-E", "sha256", "-f", str(pub)]).stdout.split()[1]
+                for pub in self.host_public_keys]
+
+    def configure(self, data: dict[str, Any]) -> None:
+        """Point an instance's config data at this server: port, host key, harness limits."""
+        data["ssh"]["port"] = self.port
+        data["ssh"]["host"] = self.host
+        state_dir = data["state_dir"]
+        data["ssh"]["host_keys"] = [f"{state_dir.rstrip('/')}/{SERVE_HOST_KEY}.pub"]
+        data.setdefault("serve", {})["max_auth_failures"] = HARNESS_MAX_AUTH_FAILURES
+
+    def attach(self, instance: "PeerkitInstance") -> None:
+        """Serve ``instance`` (its config written by init, pointing here) and start."""
+        self.instance = instance
+        self.start()
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    def start(self, timeout: float = 20, attempts: int = 5) -> None:
+        """Start `peerkit serve` as the owner and wait until it listens; retry on a taken port."""
+        if self.instance is None:
+            raise HarnessError("attach() the server to an instance first")
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.workdir, 0o755)
+        last = ""
+        for attempt in range(attempts):
+            if attempt:  # the port was taken in between: move, and tell the config
+                self.port = free_port(self.host)
+                self.instance.set_config(lambda data: data["ssh"].__setitem__("port", self.port))
+            offset = self.log_offset()
+            with open(self.log_path, "ab") as log:
+                self.proc = self.user.popen(
+                    [self.instance.peerkit, "--config", self.instance.config_path, "serve",
+                     "--listen", self.host, "--port", str(self.port)],
+                    env=self.user.env(extra_path=[self.bin_dir]), stdout=log, stderr=log,
+                    start_new_session=True)
+            # Readiness from the server's own line: a probing TCP connection
+            # would count as a failed authentication from 127.0.0.1.
+            ready = f"listening on {self.host}:{self.port} "
+            if wait_until(lambda: ready in self.log_since(offset) or self.proc.poll() is not None, timeout) \
+                    and self.proc.poll() is None:
+                self._write_known_hosts()
+                return
+            last = self.log_since(offset)[-2000:]
+            self._terminate()
+            if "cannot listen" not in last:
+                break
+        raise HarnessError(f"peerkit serve for {self.user.name} did not start; its log ends with:\n{last}")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10) -> int | None:
+        """Stop the server with ``sig``; return its exit status (None if it was not running)."""
+        return self._terminate(sig, timeout)
+
+    def restart(self) -> None:
+        """Stop and start again (after a change to the config's serve: section)."""
+        self.stop()
+        self.start()
+
+    def _terminate(self, sig: int = signal.SIGTERM, timeout: float = 10) -> int | None:
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return None
+        if proc.poll() is None:
+            proc.send_signal(sig)
+            try:
+                proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=5)
+        return proc.returncode
+
+    def __enter__(self) -> "EmbeddedServer":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def _write_known_hosts(self) -> None:
+        kind, b64 = self.host_public_keys[0].read_text(encoding="ascii").split()[:2]
+        prefix = f"[{self.host}]:{self.port} "
+        try:
+            lines = self.known_hosts_path.read_text(encoding="ascii").splitlines()
+        except FileNotFoundError:
+            lines = []
+        lines = [line for line in lines if not line.startswith(prefix)] + [f"{prefix}{kind} {b64}"]
+        self.known_hosts_path.write_text("\n".join(lines) + "\n", encoding="ascii")
+        os.chmod(self.known_hosts_path, 0o644)
+
+    # -- the server's stderr -------------------------------------------------------------
+
+    def log_text(self) -> str:
+        try:
+            return self.log_path.read_text(encoding="utf-8", errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def log_offset(self) -> int:
+        try:
+            return self.log_path.stat().st_size
+        except FileNotFoundError:
+            return 0
+
+    def log_since(self, offset: int) -> str:
+        try:
+            with open(self.log_path, "rb") as fh:
+                fh.seek(offset)
+                return fh.read().decode("utf-8", "replace")
+        except FileNotFoundError:
+            return ""
+
+
 # -- ssh clients ---------------------------------------------------------------
 
 def ssh_options(identity: str | os.PathLike, known_hosts: str | os.PathLike) -> list[str]:
@@ -464,9 +639,12 @@ class CliFailed(HarnessError):
 class PeerkitInstance:
     """A peerkit instance owned by a throwaway user, driven through the real CLI."""
 
-    def __init__(self, user: ThrowawayUser, name: str, sshd: Sshd, bin_dir: Path | None = None) -> None:
+    def __init__(self, user: ThrowawayUser, name: str, sshd: "Sshd | EmbeddedServer",
+                 bin_dir: Path | None = None) -> None:
         self.user = user
         self.name = name
+        # The server peers reach this instance through: the shared private
+        # sshd, or this instance's own `peerkit serve` (an EmbeddedServer).
         self.sshd = sshd
         self.bin_dir = bin_dir or venv_bin()
         self.peerkit = self.bin_dir / "peerkit"
@@ -524,21 +702,44 @@ class PeerkitInstance:
             raise CliFailed(argv, proc)
         return proc, result
 
+    @property
+    def server(self) -> "Sshd | EmbeddedServer":
+        """The server peers reach us through (an alias of ``sshd``, which may be `peerkit serve`)."""
+        return self.sshd
+
     def init(self) -> "PeerkitInstance":
-        """`peerkit init` as the owner, then pin this sshd's host keys in the config."""
+        """`peerkit init` as the owner, then pin our server's host keys in the config.
+
+        With an :class:`EmbeddedServer` this also starts our `peerkit serve`
+        (before any token is made, so the token advertises its host key).
+        """
         self.cli("init", "--name", self.name, "--host", self.sshd.host, "--port", str(self.sshd.port),
                  "--user", self.user.name)
+
+        def pin(data: dict) -> None:
+            data["peer_shell"] = str(self.peer_shell)
+            if isinstance(self.sshd, EmbeddedServer):
+                self.sshd.configure(data)
+            else:
+                # init writes the system host key (/etc/ssh/...); ours are elsewhere.
+                data["ssh"]["host_keys"] = [str(p) for p in self.sshd.host_public_keys]
+
+        self.set_config(pin)
+        if isinstance(self.sshd, EmbeddedServer):
+            self.sshd.attach(self)
+        return self
+
+    def set_config(self, change) -> dict:
+        """Apply ``change(data)`` to the config file (written as the owner); return the new data."""
         import yaml  # a peerkit dependency; imported late so the module loads without it
 
         data = yaml.safe_load(self.config_path.read_text(encoding="utf-8"))
-        # init writes the system host key (/etc/ssh/...); ours are elsewhere.
-        data["ssh"]["host_keys"] = [str(p) for p in self.sshd.host_public_keys]
-        data["peer_shell"] = str(self.peer_shell)
+        change(data)
         text = "# peerkit instance configuration (integration-test harness)\n"
         text += yaml.safe_dump(data, sort_keys=False, default_flow_style=False)
         self.user.write_file(self.config_path, text.encode("utf-8"), mode=0o600)
         self.settings = data
-        return self
+        return data
 
     def token(self) -> str:
         return self.cli("token")[1]["token"]

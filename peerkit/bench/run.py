@@ -1,0 +1,696 @@
+"""Set up two instances behind a real sshd, run each case alternating peerkit and its baseline, report.
+
+Each case yields one row: medians, min and max of both sides (alternated
+ABAB..., the first side swapping every iteration), the ratio of medians and
+whether the issue's target is met.  Results go to ``OUT/results.json`` and
+``OUT/results.md``; the table is printed at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import json
+import os
+import platform
+import random
+import shlex
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+REPO = Path(__file__).resolve().parents[2]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from tests.support import sshd as harness  # noqa: E402  (the integration tests' fixture code)
+
+MiB = 1 << 20
+GiB = 1 << 30
+GCM = "aes128-gcm@openssh.com"
+SEED = 20240601
+CASES = ["full-large", "full-small", "incr-vs-full", "incr-vs-rsync", "memory", "ping",
+         "forced-command", "fanout", "compress"]
+
+
+@dataclass
+class Sizes:
+    large: int = GiB
+    small_files: int = 20_000
+    small_dirs: int = 200
+    incr_set: int = GiB
+    mem_small: int = 256 * MiB
+    mem_large: int = 2 * GiB
+    peers: int = 50
+    compressible: int = 512 * MiB
+
+    @classmethod
+    def quick(cls) -> "Sizes":
+        return cls(large=128 * MiB, small_files=2_000, small_dirs=20, incr_set=128 * MiB,
+                   mem_small=64 * MiB, mem_large=512 * MiB, peers=10, compressible=64 * MiB)
+
+
+@dataclass
+class Row:
+    case: str
+    label: str
+    a_name: str
+    b_name: str
+    unit: str = "s"
+    a: list[float] = field(default_factory=list)
+    b: list[float] = field(default_factory=list)
+    target: str = ""
+    met: bool | None = None
+    ratio: float | None = None
+    note: str = ""
+    extra: dict = field(default_factory=dict)
+
+    def stats(self, xs: list[float]) -> dict:
+        if not xs:
+            return {}
+        return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "runs": xs}
+
+    def to_json(self) -> dict:
+        return {"case": self.case, "label": self.label, "peerkit": self.a_name, "baseline": self.b_name,
+                "unit": self.unit, "peerkit_stats": self.stats(self.a), "baseline_stats": self.stats(self.b),
+                "ratio_of_medians": self.ratio, "target": self.target, "met": self.met, "note": self.note,
+                **self.extra}
+
+
+# -- running things and timing them ---------------------------------------------------
+
+@dataclass
+class Timed:
+    seconds: float
+    maxrss_kib: int
+    rc: int
+    out: str
+    err: str
+
+
+def timed(user: harness.ThrowawayUser, argv: list[str], *, env: dict | None = None, cwd=None,
+          wrap: list[str] | None = None, check: bool = True, timeout: float = 3600) -> Timed:
+    """Run ``argv`` as ``user`` and return wall time and the child's peak RSS (os.wait4)."""
+    env = env if env is not None else user.env(extra_path=[harness.venv_bin()])
+    import tempfile
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        if wrap:  # e.g. ip netns exec NS setpriv ...: started as root, drops to the user itself
+            kw = {"env": env, "cwd": str(cwd or user.home)}
+            argv = [*wrap, *argv]
+        else:
+            kw = user._kwargs(env, cwd)
+        start = time.perf_counter()
+        proc = subprocess.Popen([str(a) for a in argv], stdin=subprocess.DEVNULL, stdout=out, stderr=err,
+                                start_new_session=True, **kw)
+        deadline = start + timeout
+        while True:
+            pid, status, ru = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                break
+            if time.perf_counter() > deadline:
+                os.killpg(proc.pid, signal.SIGKILL)
+            time.sleep(0.002)
+        seconds = time.perf_counter() - start
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        res = Timed(seconds, ru.ru_maxrss, proc.returncode, out.read().decode("utf-8", "replace"),
+                    err.read().decode("utf-8", "replace"))
+    if check and res.rc != 0:
+        raise harness.HarnessError(f"{shlex.join(map(str, argv))} exited {res.rc}: {res.err[-800:]} {res.out[-400:]}")
+    return res
+
+
+def alternate(runs: int, a: Callable[[], float], b: Callable[[], float], row: Row,
+              before: Callable[[str], None] | None = None) -> None:
+    """ABAB...: iteration i runs A then B when i is even, B then A when odd."""
+    for i in range(runs):
+        order = [("a", a), ("b", b)] if i % 2 == 0 else [("b", b), ("a", a)]
+        for side, fn in order:
+            if before is not None:
+                before(side)
+            value = fn()
+            (row.a if side == "a" else row.b).append(value)
+            print(f"  [{row.case}] run {i + 1}/{runs} {row.a_name if side == 'a' else row.b_name}: "
+                  f"{value:.4g} {row.unit}", flush=True)
+
+
+# -- deterministic data ---------------------------------------------------------------
+
+def gen_random_file(path: Path, size: int, rng: random.Random) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as fh:
+        left = size
+        while left:
+            n = min(left, 4 * MiB)
+            fh.write(rng.randbytes(n))
+            left -= n
+
+
+def gen_large(app: Path, size: int) -> None:
+    gen_random_file(app / "data.bin", size, random.Random(SEED))
+
+
+def gen_small(app: Path, files: int, dirs: int) -> None:
+    rng = random.Random(SEED + 1)
+    for i in range(files):
+        d = app / f"d{i % dirs:03d}"
+        if i < dirs:
+            d.mkdir(parents=True, exist_ok=True)
+        (d / f"f{i:05d}.dat").write_bytes(rng.randbytes(4096))
+
+
+def gen_set(app: Path, total: int) -> None:
+    """``total`` bytes as 1 MiB files in 32 directories."""
+    rng = random.Random(SEED + 2)
+    for i in range(total // MiB):
+        gen_random_file(app / f"d{i % 32:02d}" / f"f{i:05d}.bin", MiB, rng)
+
+
+WORDS = ("the of and to in is that for it as was with be by on not he this are or his from at which but "
+         "have an they you were her she there been one all we their has would when if so no will what up "
+         "out can more some could into them other than then now only its time like about over such also "
+         "request server error warning info debug user session login logout database query commit backup "
+         "nextcloud upload download file folder share calendar contact sync token cache worker").split()
+
+
+def gen_compressible(app: Path, total: int) -> None:
+    """Half application log text, half an SQL dump: seeded, roughly 3-4x with zstd -1."""
+    rng = random.Random(SEED + 3)
+    app.mkdir(parents=True, exist_ok=True)
+    half = total // 2
+    with open(app / "app.log", "w", encoding="ascii") as fh:
+        written, t = 0, 1_700_000_000
+        while written < half:
+            lines = []
+            for _ in range(2000):
+                t += rng.randint(0, 3)
+                lvl = rng.choice(("INFO", "INFO", "INFO", "DEBUG", "WARN", "ERROR"))
+                lines.append(f"{time.strftime('%Y-%m-%dT%H:%M:%S', time.gmtime(t))}Z {lvl} "
+                             f"[worker-{rng.randint(1, 16)}] " + " ".join(rng.choices(WORDS, k=rng.randint(6, 18))))
+            chunk = "\n".join(lines) + "\n"
+            fh.write(chunk)
+            written += len(chunk)
+    with open(app / "dump.sql", "w", encoding="ascii") as fh:
+        fh.write("CREATE TABLE oc_filecache (fileid INTEGER PRIMARY KEY, storage INTEGER, path TEXT, "
+                 "name TEXT, mimetype INTEGER, size INTEGER, mtime INTEGER, etag TEXT);\n")
+        written, fid = 0, 0
+        while written < total - half:
+            rows = []
+            for _ in range(500):
+                fid += 1
+                name = "_".join(rng.choices(WORDS, k=3)) + rng.choice((".jpg", ".txt", ".pdf", ".md"))
+                rows.append(f"({fid},{rng.randint(1, 9)},'files/{rng.choice(WORDS)}/{name}','{name}',"
+                            f"{rng.randint(1, 40)},{rng.randint(0, 10**7)},{1_700_000_000 + rng.randint(0, 10**7)},"
+                            f"'{rng.getrandbits(64):016x}')")
+            chunk = "INSERT INTO oc_filecache VALUES " + ",".join(rows) + ";\n"
+            fh.write(chunk)
+            written += len(chunk)
+
+
+def own(path: Path, user: harness.ThrowawayUser) -> None:
+    harness.run_root(["chown", "-R", f"{user.uid}:{user.gid}", str(path)], timeout=600)
+
+
+def make_app(inst: harness.PeerkitInstance, slug: str, gen: Callable[[Path], None]) -> Path:
+    app = inst.apps_dir / slug
+    if app.exists():
+        shutil.rmtree(app)
+    t = time.monotonic()
+    gen(app)
+    own(app, inst.user)
+    print(f"  generated {slug} in {time.monotonic() - t:.1f}s ({du(app) / MiB:.0f} MiB)", flush=True)
+    return app
+
+
+def du(path: Path) -> int:
+    total = 0
+    for top, _dirs, files in os.walk(path):
+        for f in files:
+            total += os.lstat(os.path.join(top, f)).st_size
+    return total
+
+
+def drop(path: Path) -> None:
+    if path.exists():
+        shutil.rmtree(path)
+
+
+# -- the environment ------------------------------------------------------------------
+
+class Env:
+    """alpha (the source) and beta (the puller) behind one private OpenSSH sshd on loopback."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.users: list[harness.ThrowawayUser] = []
+        self.servers: list = []
+        self.netns: list[str] = []
+        self._main = None
+
+    def user(self) -> harness.ThrowawayUser:
+        u = harness.ThrowawayUser.create(self.root, prefix="pkb")
+        self.users.append(u)
+        return u
+
+    def main(self):
+        if self._main is None:
+            ua, ub = self.user(), self.user()
+            sshd = harness.Sshd(self.root / "sshd", [ua.name, ub.name], log_level="ERROR")
+            sshd.start()
+            self.servers.append(sshd)
+            alpha = harness.PeerkitInstance(ua, "site-a", sshd).init()
+            beta = harness.PeerkitInstance(ub, "site-b", sshd).init()
+            harness.pair_both_ways(alpha, beta)
+            beta.cli("ping", "site-a")  # records alpha's host key (rsync needs it)
+            self._main = (sshd, alpha, beta)
+        return self._main
+
+    def close(self) -> None:
+        for s in self.servers:
+            with contextlib.suppress(Exception):
+                s.stop()
+        for ns in self.netns:
+            harness.run_root(["ip", "netns", "del", ns], check=False)
+        for u in self.users:
+            with contextlib.suppress(Exception):
+                u.delete()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+def pull_argv(inst: harness.PeerkitInstance, peer: str, app: str, *extra: str) -> list[str]:
+    return [str(inst.peerkit), "--config", str(inst.config_path), "--json", "pull", peer, app,
+            "--no-pre-backup", "--no-progress", *extra]
+
+
+def ssh_tar_argv(beta: harness.PeerkitInstance, alpha: harness.PeerkitInstance, app: str, dest: Path) -> list[str]:
+    ssh = beta.ssh_argv(alpha, f"stream-app {app}", options=["-c", GCM])
+    script = f"set -o pipefail; {shlex.join(map(str, ssh))} | tar -x -C {shlex.quote(str(dest))}"
+    return ["/bin/bash", "-c", script]
+
+
+def fresh_dir(path: Path, user: harness.ThrowawayUser) -> Path:
+    drop(path)
+    path.mkdir(parents=True)
+    os.chown(path, user.uid, user.gid)
+    return path
+
+
+# -- cases ---------------------------------------------------------------------------
+
+def case_full(env: Env, sizes: Sizes, runs: int, small: bool) -> Row:
+    sshd, alpha, beta = env.main()
+    if small:
+        slug, label = "small-files", f"full pull, {sizes.small_files:,} files of 4 KiB in {sizes.small_dirs} dirs"
+        make_app(alpha, slug, lambda p: gen_small(p, sizes.small_files, sizes.small_dirs))
+    else:
+        slug, label = "one-large", f"full pull, one {sizes.large / MiB:,.0f} MiB incompressible file"
+        make_app(alpha, slug, lambda p: gen_large(p, sizes.large))
+    row = Row("full-small" if small else "full-large", label, "peerkit pull",
+              f"ssh -c {GCM} … stream-app | tar -x", target="≤ 1.0×")
+    dest = beta.user.home / "baseline" / slug
+
+    def before(side: str) -> None:
+        drop(beta.apps_dir / slug)
+        drop(dest)
+        fresh_dir(dest, beta.user)
+        harness.run_root(["sync"], timeout=600)
+
+    alternate(runs, lambda: timed(beta.user, pull_argv(beta, "site-a", slug, "--compress", "none")).seconds,
+              lambda: timed(beta.user, ssh_tar_argv(beta, alpha, slug, dest)).seconds, row, before)
+    drop(dest)
+    drop(beta.apps_dir / slug)
+    drop(alpha.apps_dir / slug)
+    row.ratio = statistics.median(row.a) / statistics.median(row.b)
+    row.met = row.ratio <= 1.0
+    return row
+
+
+def _mutator(app: Path):
+    counter = [0]
+
+    def change() -> None:
+        counter[0] += 1
+        target = app / "d00" / "f00000.bin"
+        with open(target, "r+b") as fh:
+            fh.write(random.Random(SEED * 7 + counter[0]).randbytes(MiB))
+    return change
+
+
+def _incr_setup(env: Env, sizes: Sizes):
+    sshd, alpha, beta = env.main()
+    slug = "file-set"
+    app = alpha.apps_dir / slug
+    if not app.exists():
+        make_app(alpha, slug, lambda p: gen_set(p, sizes.incr_set))
+    if not (beta.apps_dir / slug).exists():
+        timed(beta.user, pull_argv(beta, "site-a", slug, "--compress", "none"))
+    return sshd, alpha, beta, slug, app
+
+
+def case_incr_vs_full(env: Env, sizes: Sizes, runs: int) -> Row:
+    sshd, alpha, beta, slug, app = _incr_setup(env, sizes)
+    change = _mutator(app)
+    row = Row("incr-vs-full", f"re-pull after changing one 1 MiB file of the {sizes.incr_set / MiB:,.0f} MiB set "
+              f"({sizes.incr_set // MiB} files of 1 MiB)", "peerkit pull --incremental", "peerkit pull (full)",
+              target="≥ 10× faster")
+    alternate(runs, lambda: timed(beta.user, pull_argv(beta, "site-a", slug, "--incremental")).seconds,
+              lambda: timed(beta.user, pull_argv(beta, "site-a", slug, "--compress", "none")).seconds,
+              row, lambda side: change())
+    row.ratio = statistics.median(row.a) / statistics.median(row.b)
+    row.met = 1 / row.ratio >= 10
+    row.note = f"speed-up {1 / row.ratio:.1f}×"
+    return row
+
+
+def rrsync_path() -> str | None:
+    for p in ("/usr/bin/rrsync", "/usr/share/doc/rsync/scripts/rrsync"):
+        if os.path.exists(p):
+            return p
+    gz = Path("/usr/share/doc/rsync/scripts/rrsync.gz")
+    if gz.exists():
+        import gzip
+        out = Path("/usr/local/lib/peerkit-bench-rrsync")
+        out.write_bytes(gzip.decompress(gz.read_bytes()))
+        out.chmod(0o755)
+        return str(out)
+    return None
+
+
+def case_incr_vs_rsync(env: Env, sizes: Sizes, runs: int) -> Row:
+    sshd, alpha, beta, slug, app = _incr_setup(env, sizes)
+    row = Row("incr-vs-rsync", f"same ({sizes.incr_set / MiB:,.0f} MiB set, one 1 MiB file changed)",
+              "peerkit pull --incremental", "rsync -a over ssh with rrsync -ro", target="≤ 1.2×")
+    rr = rrsync_path()
+    if rr is None:
+        row.note = "not run: rrsync not found"
+        return row
+    # A second key of beta's, authorized on alpha behind rrsync only.
+    key = beta.user.home / ".ssh" / "bench-rsync"
+    if not key.exists():
+        beta.user.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "bench-rsync", "-f", str(key)], check=True)
+        line = (f'restrict,command="{rr} -ro {alpha.apps_dir}" '
+                + (key.with_name("bench-rsync.pub")).read_text().strip() + "\n")
+        ak = alpha.authorized_keys
+        alpha.user.write_file(ak, ak.read_bytes() + line.encode(), mode=0o600)
+    dest = beta.user.home / "rsync-copy"
+    if not dest.exists():
+        fresh_dir(dest, beta.user)
+        harness.run_root(["cp", "-a", str(beta.apps_dir / slug) + "/.", str(dest)], timeout=600)
+    ssh = shlex.join(["ssh", *harness.ssh_options(key, sshd.known_hosts_path), "-c", GCM, "-p", str(sshd.port)])
+    rsync = ["rsync", "-a", "-e", ssh, f"{alpha.user.name}@{sshd.host}:{slug}/", f"{dest}/"]
+    change = _mutator(app)
+    alternate(runs, lambda: timed(beta.user, pull_argv(beta, "site-a", slug, "--incremental")).seconds,
+              lambda: timed(beta.user, rsync).seconds, row, lambda side: change())
+    # The copy must really be current (rsync -a via rrsync did the work).
+    same = (dest / "d00" / "f00000.bin").read_bytes() == (app / "d00" / "f00000.bin").read_bytes()
+    row.ratio = statistics.median(row.a) / statistics.median(row.b)
+    row.met = row.ratio <= 1.2
+    if not same:
+        row.note = "WARNING: rsync copy differs from the source"
+    return row
+
+
+def case_memory(env: Env, sizes: Sizes, runs: int) -> Row:
+    sshd, alpha, beta = env.main()
+    make_app(alpha, "mem-small", lambda p: gen_random_file(p / "data.bin", sizes.mem_small, random.Random(SEED + 5)))
+    make_app(alpha, "mem-large", lambda p: gen_random_file(p / "data.bin", sizes.mem_large, random.Random(SEED + 6)))
+    row = Row("memory", f"client peak RSS, {sizes.mem_small / MiB:,.0f} MiB vs {sizes.mem_large / MiB:,.0f} MiB app",
+              f"pull {sizes.mem_large / MiB:,.0f} MiB", f"pull {sizes.mem_small / MiB:,.0f} MiB", unit="MiB",
+              target="peak RSS ≤ 64 MiB and flat (large/small ≤ 1.25)")
+
+    def pull(slug: str) -> float:
+        drop(beta.apps_dir / slug)
+        return timed(beta.user, pull_argv(beta, "site-a", slug, "--compress", "none")).maxrss_kib / 1024
+
+    alternate(runs, lambda: pull("mem-large"), lambda: pull("mem-small"), row)
+    for slug in ("mem-small", "mem-large"):
+        drop(beta.apps_dir / slug)
+        drop(alpha.apps_dir / slug)
+    row.ratio = statistics.median(row.a) / statistics.median(row.b)
+    row.met = max(row.a + row.b) <= 64 and row.ratio <= 1.25
+    return row
+
+
+def case_ping(env: Env, sizes: Sizes, runs: int) -> Row:
+    sshd, alpha, beta = env.main()
+    row = Row("ping", "ping round trip (process start to exit)", "peerkit ping", f"ssh -c {GCM} … ping",
+              unit="ms", target="≤ 1.5×")
+    argv_a = [str(beta.peerkit), "--config", str(beta.config_path), "ping", "site-a"]
+    argv_b = [str(a) for a in beta.ssh_argv(alpha, "ping", options=["-c", GCM])]
+    alternate(runs * 3, lambda: timed(beta.user, argv_a).seconds * 1000,
+              lambda: timed(beta.user, argv_b).seconds * 1000, row)
+    row.ratio = statistics.median(row.a) / statistics.median(row.b)
+    row.met = row.ratio <= 1.5
+    return row
+
+
+def case_forced(env: Env, sizes: Sizes, runs: int) -> Row:
+    sshd, alpha, beta = env.main()
+    row = Row("forced-command", "forced-command start: peer-shell answering ping, run directly",
+              "peer-shell … (ping)", "/bin/true", unit="ms", target="peer-shell ≤ 80 ms")
+    e = alpha.user.env(SSH_ORIGINAL_COMMAND="ping", SSH_CONNECTION="127.0.0.1 50000 127.0.0.1 22")
+    argv = [str(alpha.peer_shell), "--config", str(alpha.config_path), "site-b"]
+    alternate(runs * 3, lambda: timed(alpha.user, argv, env=e).seconds * 1000,
+              lambda: timed(alpha.user, ["/bin/true"], env=e).seconds * 1000, row)
+    row.ratio = statistics.median(row.a) / statistics.median(row.b)
+    row.met = statistics.median(row.a) <= 80
+    return row
+
+
+def case_fanout(env: Env, sizes: Sizes, runs: int) -> Row:
+    """One user, N+1 instances (separate homes), each with its own `peerkit serve`."""
+    n = sizes.peers
+    row = Row("fanout", f"fan-out ping, {n} peers (embedded servers)", "peerkit ping --all", "one peerkit ping",
+              unit="ms", target="≤ 3×")
+    u = env.user()
+    base = env.root / "fan"
+    base.mkdir(mode=0o755)
+    known = base / "known_hosts"
+
+    def instance(name: str) -> harness.PeerkitInstance:
+        home = base / name
+        home.mkdir(mode=0o755)
+        os.chown(home, u.uid, u.gid)
+        alias = harness.ThrowawayUser(u.name, u.uid, u.gid, home)  # same account, own HOME
+        server = harness.EmbeddedServer(base / f"serve-{name}", alias, known_hosts_path=known)
+        env.servers.append(server)
+        return harness.PeerkitInstance(alias, name, server).init()
+
+    t = time.monotonic()
+    hub = instance("hub")
+    hub_token = hub.token()
+    for i in range(n):
+        p = instance(f"peer-{i:02d}")
+        p.pair(hub_token)       # the hub may call p
+        hub.pair(p.token())     # the hub knows how to reach p
+    print(f"  {n} embedded servers paired in {time.monotonic() - t:.0f}s", flush=True)
+    argv_all = [str(hub.peerkit), "--config", str(hub.config_path), "ping", "--all"]
+    argv_one = [str(hub.peerkit), "--config", str(hub.config_path), "ping", "peer-00"]
+    timed(hub.user, argv_all)  # first contact records every host key
+    alternate(runs, lambda: timed(hub.user, argv_all).seconds * 1000,
+              lambda: timed(hub.user, argv_one).seconds * 1000, row)
+    row.ratio = statistics.median(row.a) / statistics.median(row.b)
+    row.met = row.ratio <= 3
+    for s in list(env.servers):
+        if isinstance(s, harness.EmbeddedServer):
+            s.stop()
+    return row
+
+
+class NsSshd(harness.Sshd):
+    """The fixture's sshd, started inside a network namespace on a veth address."""
+
+    def __init__(self, workdir: Path, users: list[str], netns: str, host: str) -> None:
+        super().__init__(workdir, users, log_level="ERROR")
+        self.netns = netns
+        self.host = host
+
+    def start(self, timeout: float = 15, attempts: int = 1) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.workdir, 0o755)
+        self._ensure_privsep_dir()
+        self._make_host_keys()
+        self.port = 2222  # the namespace is ours: nothing else listens there
+        self._write_config()
+        self._write_known_hosts()
+        harness.run_root([self.sshd, "-t", "-f", str(self.config_path)])
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(["ip", "netns", "exec", self.netns, self.sshd, "-D", "-e", "-f",
+                                      str(self.config_path)], stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                     env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}, start_new_session=True)
+        ok = harness.wait_until(lambda: "Server listening" in self.log_text() or self.proc.poll() is not None
+                                or harness.run_root(["ip", "netns", "exec", self.netns, "ss", "-ltn"],
+                                                    check=False).stdout.count(f":{self.port} ") > 0, timeout, 0.1)
+        if not ok or self.proc.poll() is not None:
+            raise harness.HarnessError(f"sshd in {self.netns} did not start: {self.log_text()[-1000:]}")
+
+
+def case_compress(env: Env, sizes: Sizes, runs: int) -> Row:
+    row = Row("compress", f"compressible {sizes.compressible / MiB:,.0f} MiB (log text + SQL dump), "
+              "100 Mbit/s veth between two netns (tc tbf)", "--compress auto", "--compress none",
+              target="≥ 3× faster")
+    tag = f"{os.getpid() % 100000}"
+    ns_s, ns_c = f"pkb-s{tag}", f"pkb-c{tag}"
+    vs, vc = f"pkb{tag}s", f"pkb{tag}c"
+    try:
+        harness.run_root(["ip", "netns", "add", ns_s])
+        env.netns.append(ns_s)
+        harness.run_root(["ip", "netns", "add", ns_c])
+        env.netns.append(ns_c)
+        harness.run_root(["ip", "link", "add", vs, "type", "veth", "peer", "name", vc])
+        harness.run_root(["ip", "link", "set", vs, "netns", ns_s])
+        harness.run_root(["ip", "link", "set", vc, "netns", ns_c])
+        for ns, dev, addr in ((ns_s, vs, "10.77.0.1/24"), (ns_c, vc, "10.77.0.2/24")):
+            x = ["ip", "netns", "exec", ns]
+            harness.run_root([*x, "ip", "link", "set", "lo", "up"])
+            harness.run_root([*x, "ip", "addr", "add", addr, "dev", dev])
+            harness.run_root([*x, "ip", "link", "set", dev, "up"])
+            harness.run_root([*x, "tc", "qdisc", "add", "dev", dev, "root", "tbf", "rate", "100mbit",
+                              "burst", "32kbit", "latency", "50ms"])
+    except harness.HarnessError as exc:
+        row.note = f"not run: {exc}"
+        return row
+    us, uc = env.user(), env.user()
+    sshd = NsSshd(env.root / "sshd-ns", [us.name, uc.name], ns_s, "10.77.0.1")
+    sshd.start()
+    env.servers.append(sshd)
+    src = harness.PeerkitInstance(us, "site-s", sshd).init()
+    dst = harness.PeerkitInstance(uc, "site-c", sshd).init()
+    harness.pair_both_ways(src, dst)
+    make_app(src, "compressible", lambda p: gen_compressible(p, sizes.compressible))
+    wrap = ["ip", "netns", "exec", ns_c, "setpriv", f"--reuid={uc.uid}", f"--regid={uc.gid}", "--clear-groups"]
+
+    def pull(mode: str) -> float:
+        r = timed(uc, pull_argv(dst, "site-s", "compressible", "--compress", mode), wrap=wrap)
+        last = json.loads(r.out.strip().splitlines()[-1])
+        row.extra.setdefault("notes_" + mode, last.get("notes"))
+        return r.seconds
+
+    alternate(runs, lambda: pull("auto"), lambda: pull("none"), row,
+              lambda side: drop(dst.apps_dir / "compressible"))
+    row.ratio = statistics.median(row.a) / statistics.median(row.b)
+    row.met = 1 / row.ratio >= 3
+    row.note = f"speed-up {1 / row.ratio:.1f}×; auto chose: {(row.extra.get('notes_auto') or ['?'])[-1]}"
+    return row
+
+
+# -- the machine and the report ---------------------------------------------------------
+
+def machine() -> dict:
+    cpu, flags = "?", ""
+    with contextlib.suppress(OSError):
+        for line in open("/proc/cpuinfo", encoding="utf-8", errors="replace"):
+            if line.startswith("model name") and cpu == "?":
+                cpu = line.split(":", 1)[1].strip()
+            if line.startswith("flags") and not flags:
+                flags = line
+    import asyncssh
+    import peerkit
+
+    def ver(argv: list[str]) -> str:
+        try:
+            p = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+            return (p.stdout or p.stderr).strip().splitlines()[0]
+        except (OSError, IndexError, subprocess.SubprocessError):
+            return "?"
+
+    return {"cpu": cpu, "cores": os.cpu_count(), "aes": " aes" in flags,
+            "kernel": platform.release(), "python": platform.python_version(),
+            "peerkit": getattr(peerkit, "__version__", "?"), "asyncssh": asyncssh.__version__,
+            "openssh": ver(["ssh", "-V"]), "rsync": ver(["rsync", "--version"]), "zstd": ver(["zstd", "--version"]),
+            "tar": ver(["tar", "--version"]),
+            "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+
+
+def fmt(xs: list[float], unit: str) -> str:
+    if not xs:
+        return "–"
+    d = 0 if unit in ("ms", "MiB") and statistics.median(xs) >= 10 else 2 if unit == "s" else 1
+    return f"{statistics.median(xs):.{d}f} ({min(xs):.{d}f}–{max(xs):.{d}f}) {unit}"
+
+
+def markdown(rows: list[Row], info: dict, quick: bool, runs: int) -> str:
+    title = ("peerkit benchmarks — QUICK (scaled-down data sets)" if quick else "peerkit benchmarks — full size")
+    m = info
+    out = [f"### {title}", "",
+           f"{m['date']} · {m['cpu']}, {m['cores']} cores, AES instructions: {'yes' if m['aes'] else 'no'} · "
+           f"Linux {m['kernel']} · Python {m['python']} · peerkit {m['peerkit']} · asyncssh {m['asyncssh']} · "
+           f"{m['openssh']} · {m['rsync'].replace('  ', ' ')} · zstd {next((w.strip(',') for w in m['zstd'].split() if w.startswith('v1')), m['zstd'])}",
+           "", f"Medians of {runs} runs per side ({3 * runs} for ping and forced-command) (min–max in brackets), peerkit and baseline "
+           "alternated; ratio = peerkit median / baseline median.", "",
+           "| case | peerkit | baseline | peerkit | baseline | ratio | target | result |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        result = "not run" if r.met is None else ("met" if r.met else "**missed**")
+        ratio = "–" if r.ratio is None else f"{r.ratio:.2f}×"
+        note = f" — {r.note}" if r.note else ""
+        out.append(f"| {r.label}{note} | {r.a_name} | {r.b_name} | {fmt(r.a, r.unit)} | {fmt(r.b, r.unit)} | "
+                   f"{ratio} | {r.target} | {result} |")
+    return "\n".join(out) + "\n"
+
+
+RUNNERS = {
+    "full-large": lambda e, s, n: case_full(e, s, n, small=False),
+    "full-small": lambda e, s, n: case_full(e, s, n, small=True),
+    "incr-vs-full": case_incr_vs_full,
+    "incr-vs-rsync": case_incr_vs_rsync,
+    "memory": case_memory,
+    "ping": case_ping,
+    "forced-command": case_forced,
+    "fanout": case_fanout,
+    "compress": case_compress,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="peerkit-bench", description=__doc__)
+    ap.add_argument("--quick", action="store_true", help="scaled-down data sets (said so in the table title)")
+    ap.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, from: {', '.join(CASES)}")
+    ap.add_argument("--runs", type=int, default=None, help="runs per side (default 5, --quick 3)")
+    ap.add_argument("--out", default="bench-results", help="output directory (default bench-results/)")
+    args = ap.parse_args(argv)
+    cases = [c.strip() for c in args.cases.split(",") if c.strip()]
+    unknown = [c for c in cases if c not in RUNNERS]
+    if unknown:
+        ap.error(f"unknown case(s): {', '.join(unknown)}")
+    problems = harness.missing_prerequisites()
+    if problems:
+        print("cannot run the benchmarks: " + "; ".join(problems), file=sys.stderr)
+        return 2
+    runs = args.runs or (3 if args.quick else 5)
+    sizes = Sizes.quick() if args.quick else Sizes()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    info = machine()
+    env = Env(harness.make_root("peerkit-bench-"))
+    rows: list[Row] = []
+    try:
+        for case in cases:
+            print(f"== {case}", flush=True)
+            t = time.monotonic()
+            try:
+                rows.append(RUNNERS[case](env, sizes, runs))
+            except Exception as exc:  # noqa: BLE001 - one broken case must not lose the others
+                traceback.print_exc()
+                rows.append(Row(case, case, "", "", note=f"not run: {type(exc).__name__}: {str(exc)[:200]}"))
+            print(f"   ({time.monotonic() - t:.0f}s)", flush=True)
+    finally:
+        env.close()
+    md = markdown(rows, info, args.quick, runs)
+    (out / "results.md").write_text(md, encoding="utf-8")
+    (out / "results.json").write_text(json.dumps(
+        {"quick": args.quick, "runs": runs, "sizes": sizes.__dict__, "machine": info,
+         "cases": [r.to_json() for r in rows]}, indent=2) + "\n", encoding="utf-8")
+    print()
+    print(md)
+    print(f"written: {out / 'results.md'}, {out / 'results.json'}")
+    return 0

@@ -6,6 +6,7 @@ import asyncio
 import glob
 import os
 import pwd
+import re
 import shlex
 import stat
 from dataclasses import dataclass
@@ -37,38 +38,63 @@ class Finding:
     warning: bool = False
 
 
-def read_sshd_settings(path: Path, keywords: tuple[str, ...]) -> dict[str, str]:
-    """Return the global value of each keyword (first one wins, as in sshd; Match blocks ignored)."""
-    found: dict[str, str] = {}
+def _split_setting(line: str) -> tuple[str, str] | None:
+    """Split one sshd_config line into (lowercase keyword, value), as sshd does.
 
-    def walk(file: Path, depth: int) -> None:
+    sshd accepts ``Keyword value``, ``Keyword=value`` and ``Keyword = value``.
+    """
+    line = line.strip()
+    if not line or line.startswith("#"):
+        return None
+    match = re.match(r"([^\s=]+)\s*(?:=\s*|\s+|$)(.*)", line)
+    if match is None:
+        return None
+    return match.group(1).lower(), match.group(2).strip()
+
+
+def read_sshd_settings(path: Path, keywords: tuple[str, ...]) -> dict[str, str]:
+    """Return the value of each keyword that applies to every user (as sshd resolves it).
+
+    Outside Match blocks the first value wins. A ``Match all`` block applies to
+    everyone and overrides those (first value within such blocks wins); any
+    other Match block is conditional and ignored, up to the end of its file.
+    """
+    found: dict[str, str] = {}
+    in_match_all: dict[str, str] = {}
+
+    def walk(file: Path, depth: int, start: dict[str, str]) -> None:
         if depth > 8:  # an Include loop
             return
         try:
             lines = file.read_text(encoding="utf-8", errors="replace").splitlines()
         except OSError:
             return
+        target: dict[str, str] | None = start
         for line in lines:
-            words = line.strip().split(None, 1)
-            if not words or words[0].startswith("#"):
+            setting = _split_setting(line)
+            if setting is None:
                 continue
-            key, value = words[0].lower(), (words[1] if len(words) > 1 else "")
+            key, value = setting
             if key == "match":
-                return  # the rest of this file is conditional
+                criteria = value.split("#", 1)[0].split()
+                target = in_match_all if [c.lower() for c in criteria] == ["all"] else None
+                continue
+            if target is None:
+                continue  # a conditional Match block (includes too): not what every user gets
             if key == "include":
                 for pattern in shlex.split(value):
                     full = pattern if pattern.startswith("/") else f"/etc/ssh/{pattern}"
                     for inc in sorted(glob.glob(full)):
-                        walk(Path(inc), depth + 1)
+                        walk(Path(inc), depth + 1, target)
                 continue
             for wanted in keywords:
-                if key == wanted.lower() and wanted not in found:
-                    found[wanted] = value.strip()
+                if key == wanted.lower() and wanted not in target:
+                    target[wanted] = value
 
     if not path.exists():
         raise FileNotFoundError(path)
-    walk(path, 0)
-    return found
+    walk(path, 0, found)
+    return {**found, **in_match_all}
 
 
 def _expand(pattern: str, user: pwd.struct_passwd) -> Path:

@@ -408,3 +408,39 @@ def test_cli_usage_error_for_a_directory_as_sshd_config(env, tmp_path):
                        "--sshd-config", str(tmp_path))
     assert proc.returncode == 2
     assert json.loads(proc.stdout.strip().splitlines()[-1])["error"] == "usage"
+
+
+@pytest.mark.parametrize("line", ["PubkeyAuthentication=no", "PubkeyAuthentication = no",
+                                  "pubkeyauthentication\t=\tno", "PubkeyAuthentication= no"])
+def test_keyword_equals_value_syntax(env, sshd_t, line):
+    # sshd reads `Keyword=value` too; a doctor that did not would miss this.
+    env.sshd_config.write_text(f"{line}\nAuthorizedKeysFile .ssh/authorized_keys\n")
+    finding = env.bad("sshd-pubkey-authentication")
+    assert "PubkeyAuthentication no" in finding.message
+    seen = sshd_t(env.sshd_config, "tester")
+    if seen is not None:
+        assert seen["pubkeyauthentication"] == "no"
+
+
+def test_match_all_applies_to_everyone(env, sshd_t):
+    # `Match all` is not conditional: what it sets overrides the global value.
+    env.sshd_config.write_text("PubkeyAuthentication yes\nAuthorizedKeysFile .ssh/authorized_keys\n"
+                               "Match User nobody-here\n    PubkeyAuthentication yes\n"
+                               "Match all\n    AuthorizedKeysFile /srv/keys/%u\n")
+    finding = env.bad("sshd-authorized-keys-file")
+    assert "/srv/keys/%u" in finding.message
+    seen = sshd_t(env.sshd_config, "tester")
+    if seen is not None:
+        assert seen["authorizedkeysfile"] == "/srv/keys/%u"
+
+
+def test_include_inside_a_conditional_match_is_not_global(env, sshd_t):
+    conf_d = env.tmp / "admins.d"
+    conf_d.mkdir()
+    (conf_d / "keys.conf").write_text("PubkeyAuthentication no\n")
+    env.sshd_config.write_text("AuthorizedKeysFile .ssh/authorized_keys\n"
+                               f"Match Group admins\n    Include {conf_d}/*.conf\n")
+    assert env.findings()["sshd-pubkey-authentication"].ok
+    seen = sshd_t(env.sshd_config, "tester")
+    if seen is not None:
+        assert seen["pubkeyauthentication"] == "yes"

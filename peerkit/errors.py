@@ -82,6 +82,13 @@ class ProblemsFound(PeerkitError):
     exit_code = 16
 
 
+class PeersBehind(PeerkitError):
+    """The key was rotated, but some peers still trust the retired key (or could not confirm the new one)."""
+
+    code = "peers-behind"
+    exit_code = 17
+
+
 # -- pairing tokens (20-29) -----------------------------------------------
 
 class TokenError(PeerkitError):

@@ -10,7 +10,7 @@ import click
 
 from .. import grammar
 from ..config import read_config
-from ..errors import ProblemsFound
+from ..errors import PeersBehind, ProblemsFound
 from .main import Context, common_options
 
 
@@ -75,13 +75,14 @@ def rotate_key(obj: Context) -> int:
     """Replace our identity key on every reachable peer, then retire the old one.
 
     Peers that cannot be reached keep the old key and are listed with our new
-    token, to re-pair by hand.
+    token, to re-pair by hand; then the exit code is 17 (peers-behind).
     """
     from ..rotate import rotate_key as rotate
 
     cfg = read_config(obj.config)
     result = asyncio.run(rotate(cfg, obj.note))
     behind = [p for p in result.peers if p["outcome"] == "kept-old-key"]
+    unconfirmed = [p for p in result.peers if p["outcome"] == "rotated-unverified"]
 
     def human() -> None:
         click.echo(f"new key {result.new_fingerprint} (was {result.old_fingerprint})")
@@ -90,10 +91,18 @@ def rotate_key(obj: Context) -> int:
         if behind:
             click.echo("These peers still trust the retired key; ask their operators to run:")
             click.echo(f"  peerkit pair --replace '{result.token}' {cfg.name}")
+        if unconfirmed:
+            click.echo("These peers took the new key but did not answer with it; check with: "
+                       + ", ".join(f"peerkit ping {p['peer']}" for p in unconfirmed))
 
-    obj.emit({"old_fingerprint": result.old_fingerprint, "new_fingerprint": result.new_fingerprint,
-              "peers": result.peers, "token": result.token}, human)
-    return 0
+    payload: dict = {"old_fingerprint": result.old_fingerprint, "new_fingerprint": result.new_fingerprint,
+                     "peers": result.peers, "token": result.token}
+    # A script must not read "rotated" as "every peer follows": say so in the exit code.
+    lagging = bool(behind or unconfirmed)
+    if lagging:
+        payload["error"] = PeersBehind.code
+    obj.emit(payload, human, ok=not lagging)
+    return PeersBehind.exit_code if lagging else 0
 
 
 @click.command(epilog="""\b

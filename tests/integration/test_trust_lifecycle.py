@@ -465,7 +465,7 @@ def test_rotate_key(world):
     a_retired = retire(a)
     a_old_fp = a.cli("verify", "site-b")[1]["our_fingerprint"]
     proc = a.user.run([str(a.peerkit), "rotate-key"], env=a.user.env(extra_path=[a.bin_dir]), text=True)
-    assert proc.returncode == 0, proc.stderr
+    assert proc.returncode == 17, proc.stderr  # peers-behind: C still trusts the retired key
     lines = proc.stdout.splitlines()
     found = re.fullmatch(r"new key (SHA256:\S+) \(was (SHA256:\S+)\)", lines[0])
     assert found and found.group(2) == a_old_fp
@@ -526,7 +526,8 @@ def test_rotation_resumes_after_an_interruption(world):
     assert reply["ok"] is True
     assert_denied_by_server(a.ssh(b, "ping"))  # A's current key is no longer B's
 
-    result = a.cli("rotate-key")[1]
+    proc, result = a.cli("rotate-key", check=False)
+    assert proc.returncode == 17 and result["ok"] is False and result["error"] == "peers-behind"
     outcomes = {p["peer"]: p["outcome"] for p in result["peers"]}
     assert outcomes == {"site-b": "rotated", "site-c": "kept-old-key"}
     assert a.identity.with_name(a.identity.name + ".pub").read_text().split()[1] == next_b64

@@ -264,6 +264,11 @@ class _Server(asyncssh.SSHServer):
         # Environment requests are refused: nothing of the client's
         # environment may reach peer-shell (LD_PRELOAD, PATH, ...).
         chan._process_env_request = _refuse_env  # type: ignore[attr-defined]
+        # A pty, X11 or agent request is refused by asyncssh itself (the
+        # server is started without them); each attempt is audited too.
+        for handler, verb in (("_process_pty_req_request", "pty"), ("_process_x11_req_request", "x11"),
+                              ("_process_auth_agent_req_at_openssh_dot_com_request", "agent")):
+            setattr(chan, handler, self._audited(getattr(chan, handler), verb))
         # Counted from the channel's opening, not from its command: a client
         # could otherwise open many channels first and start them all after.
         state.sessions[peer] += 1
@@ -271,17 +276,33 @@ class _Server(asyncssh.SSHServer):
         session.counted = True
         return chan, session
 
+    def _audited(self, handler: Callable[[Any], Any], verb: str) -> Callable[[Any], Any]:
+        def audited(packet: Any) -> Any:
+            granted = handler(packet)
+            if not granted:
+                self.refuse(verb, f"{verb} request")
+            return granted
+        return audited
+
+    def refuse(self, verb: str, reason: str) -> bool:
+        """Audit a request a paired peer may not make, and refuse it."""
+        fields: dict[str, Any] = {"peer": self.grant.peer} if self.grant is not None else {}
+        self.state.log(**fields, client=self.address, client_port=self.port, verb=verb,
+                       outcome="refused", reason=reason)
+        return False
+
+    # Port forwarding would turn a paired peer into a tunnel into our network.
     def connection_requested(self, *args: Any) -> bool:
-        return False  # no direct-tcpip (ssh -L, -D)
+        return self.refuse("forward", "direct-tcpip (ssh -L, -D)")
 
     def server_requested(self, *args: Any) -> bool:
-        return False  # no tcpip-forward (ssh -R)
+        return self.refuse("forward", "tcpip-forward (ssh -R)")
 
     def unix_connection_requested(self, *args: Any) -> bool:
-        return False
+        return self.refuse("forward", "direct-streamlocal (ssh -L to a socket)")
 
     def unix_server_requested(self, *args: Any) -> bool:
-        return False
+        return self.refuse("forward", "streamlocal-forward (ssh -R from a socket)")
 
 
 def _refuse_env(packet: Any) -> bool:
@@ -308,13 +329,15 @@ class _Session(asyncssh.SSHServerSession):
         self.chan = chan
 
     def pty_requested(self, *args: Any) -> bool:
-        return False
+        return False  # never reached: asyncssh refuses a pty first (allow_pty=False)
 
+    # A shell or a subsystem (sftp) would be a way around peer-shell's verbs;
+    # each refusal is audited, as sshd logs them.
     def shell_requested(self) -> bool:
-        return False
+        return self.server.refuse("shell", "shell request")
 
     def subsystem_requested(self, subsystem: str) -> bool:
-        return False  # sftp and friends
+        return self.server.refuse("subsystem", f"subsystem {audit.clean(subsystem, 64)}")
 
     def break_received(self, msec: int) -> bool:
         return False

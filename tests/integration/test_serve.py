@@ -239,6 +239,64 @@ def test_env_requests_are_refused_and_never_reach_peer_shell(world, configure):
     assert world.serve_events(before) == []
 
 
+def test_each_refused_request_of_a_paired_peer_is_audited(world):
+    """pty, shell, sftp, X11, agent and port forwarding: refused, and one audit line each, with the peer."""
+    import asyncssh
+
+    before = len(world.s.audit_events())
+
+    async def attempts() -> list[str]:
+        refused = []
+        async with asyncssh.connect(LOCALHOST, **client_options(world)) as conn:
+            # A pty: asyncssh reports the refusal by failing the session.
+            with contextlib.suppress(asyncssh.Error, OSError):
+                await conn.run("ping", term_type="xterm", request_pty="force", check=True, timeout=10)
+            refused.append("pty")
+            with pytest.raises((asyncssh.Error, OSError)):
+                await conn.run(check=True, timeout=10)  # no command: a shell
+            refused.append("shell")
+            with pytest.raises((asyncssh.Error, OSError)):
+                await conn.start_sftp_client()
+            refused.append("subsystem")
+            with pytest.raises((asyncssh.Error, OSError)):
+                await conn.open_connection(LOCALHOST, world.server.port)
+            refused.append("forward")
+            with pytest.raises(asyncssh.ChannelListenError):
+                await conn.forward_remote_port(LOCALHOST, 0, LOCALHOST, 9)
+            refused.append("forward")
+            # The connection still serves what is allowed.
+            result = await conn.run("ping", check=True, timeout=10)
+            assert json.loads(result.stdout)["peer"] == world.s.name
+        return refused
+
+    import paramiko
+
+    tried = run(attempts())
+    client = paramiko.SSHClient()
+    client.load_host_keys(str(world.server.known_hosts_path))
+    client.set_missing_host_key_policy(paramiko.RejectPolicy())
+    client.connect(LOCALHOST, port=world.server.port, username=world.s.user.name,
+                   pkey=paramiko.Ed25519Key.from_private_key_file(str(world.c.identity)),
+                   allow_agent=False, look_for_keys=False, timeout=10)
+    try:
+        transport = client.get_transport()
+        with pytest.raises(paramiko.SSHException):
+            transport.open_session(timeout=10).request_x11(single_connection=True)
+        tried.append("x11")
+        # paramiko asks for no reply here: the audit line below is the proof.
+        transport.open_session(timeout=10).request_forward_agent(lambda *_: None)
+        tried.append("agent")
+    finally:
+        client.close()
+    events = wait_for_events(world, before, len(tried))
+    assert [e["verb"] for e in events] == tried
+    for event in events:
+        assert (event["peer"], event["outcome"], event["client"]) == (world.c.name, "refused", LOCALHOST)
+    assert "sftp" in events[2]["reason"]
+    # peer-shell itself never saw them: only the final ping reached it.
+    assert [e["verb"] for e in world.shell_events(before)] == ["ping"]
+
+
 # -- limits -------------------------------------------------------------------------------
 
 def test_connection_cap(world, configure):

@@ -441,7 +441,9 @@ def test_no_interactive_shell(paired):
         assert proc.returncode == 255 and proc.stdout == b""
         assert b"PTY allocation request failed" in proc.stderr
         quiesce([alpha])
-        assert alpha.audit_events()[before:] == []
+        assert new_events(alpha, before) == []  # peer-shell never ran
+        # serve audited each refusal itself: shell; pty, shell; pty, shell.
+        assert [e["verb"] for e in serve_events(alpha, before)] == ["shell", "pty", "shell", "pty", "shell"]
         return
     # From a script: no command, no tty -> a shell request, answered by peer-shell's refusal.
     assert_refused(beta.ssh(alpha), "refused", PeerRefused.exit_code)
@@ -575,7 +577,9 @@ def test_library_client_is_refused_agent_x11_pty_forwarding_and_sftp(paired):
         assert [(e["outcome"], e.get("command")) for e in events] == [("refused", "internal-sftp"), ("refused", None)]
     else:
         quiesce([alpha])
-        assert alpha.audit_events()[before:] == []  # peer-shell never ran
+        assert new_events(alpha, before) == []  # peer-shell never ran
+        assert [(e["verb"], e["outcome"]) for e in serve_events(alpha, before)] == [
+            ("subsystem", "refused"), ("shell", "refused")]
 
 
 def test_asyncssh_client_pings_and_is_refused_a_pty(paired):

@@ -65,6 +65,14 @@ def ensure_host_key(cfg: Config) -> asyncssh.SSHKey:
 
 # -- OpenSSH key options -----------------------------------------------------
 
+def _has_host_bits(pattern: str) -> bool:
+    try:
+        ipaddress.ip_network(pattern, strict=True)
+    except ValueError:
+        return True
+    return False
+
+
 def source_allowed(patterns: str, address: str) -> bool:
     """Match ``address`` against a from= pattern list the way sshd does."""
     try:
@@ -81,8 +89,16 @@ def source_allowed(patterns: str, address: str) -> bool:
         negated = pattern.startswith("!")
         pattern = pattern[1:] if negated else pattern
         try:
-            hit = ip in ipaddress.ip_network(pattern, strict=False)
+            network = ipaddress.ip_network(pattern, strict=False)
         except ValueError:
+            network = None
+        if network is not None:
+            if _has_host_bits(pattern):
+                # sshd rejects the whole list over a block with host bits set
+                # ("inconsistent mask length"): a typo must not widen access.
+                return False
+            hit = ip in network
+        else:
             # Wildcard patterns apply to the address text; host names are
             # never resolved (the source controls its reverse DNS).
             hit = fnmatch.fnmatchcase(address, pattern)

@@ -66,6 +66,14 @@ UTC = timezone.utc
     # IPv4 clients on a dual-stack socket count as their IPv4 address
     ("10.0.0.0/8", "::ffff:10.1.2.3", True),
     ("!10.0.0.5,*", "::ffff:10.0.0.5", False),
+    # a block with host bits set voids the whole list, as in sshd
+    # ("inconsistent mask length"; cross-checked against sshd in
+    # test_trust_lifecycle.py)
+    ("127.0.0.1/8", "127.0.0.1", False),
+    ("127.0.0.0/8,10.1.2.3/8", "127.0.0.1", False),
+    ("10.1.2.3/8,127.0.0.1", "127.0.0.1", False),
+    ("2001:db8::1/32", "2001:db8::1", False),
+    ("127.0.0.1/32", "127.0.0.1", True),
     # not an address: nothing matches
     ("*", "not-an-address", False),
     ("*", "", False),

@@ -423,6 +423,31 @@ def test_from_restricts_the_source_address(world):
     assert ok_json(f.ssh(c, "ping"))["peer"] == "site-c"
 
 
+@pytest.mark.parametrize(("patterns", "allowed"), [
+    ("127.0.0.0/8", True),
+    ("127.0.0.1/32", True),
+    # A block with host bits set voids the whole list (sshd: "inconsistent mask length").
+    ("127.0.0.1/8", False),
+    ("127.0.0.0/8,10.1.2.3/8", False),
+])
+def test_from_written_by_hand_is_read_as_sshd_reads_it(world, patterns, allowed):
+    """A from= an operator wrote by hand: serve must decide exactly as sshd, whatever the list holds."""
+    c, f = world.c, world.f
+    [line] = key_lines(c, "site-f")
+    assert "from=" not in line
+    hand_made = line.replace("restrict,", f'restrict,from="{patterns}",', 1)
+    original = c.authorized_keys.read_bytes()
+    c.user.write_file(c.authorized_keys, original.replace(line.encode(), hand_made.encode()), mode=0o600)
+    try:
+        proc = f.ssh(c, "ping")
+        if allowed:
+            assert ok_json(proc)["peer"] == "site-c"
+        else:
+            assert_denied_by_server(proc)
+    finally:
+        c.user.write_file(c.authorized_keys, original, mode=0o600)
+
+
 # -- d. key rotation (last: it changes A's and B's keys) -------------------------------------
 
 def _codes(a: harness.PeerkitInstance, b: harness.PeerkitInstance) -> tuple[str, str]:

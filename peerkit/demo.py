@@ -13,6 +13,7 @@ import asyncio
 import getpass
 import os
 import random
+import shlex
 import shutil
 import socket
 import sqlite3
@@ -211,6 +212,16 @@ def run(base: Path | None, say: Say, progress: ProgressFn | None = None, *, keep
             stop(instances)
 
 
+def try_commands(result: DemoResult, peerkit: str = "peerkit") -> list[list[str]]:
+    """Return the commands to try against a kept demo, as argument lists."""
+    alpha, beta = result.instances
+    on_alpha = [peerkit, "--config", str(alpha.config_path)]
+    on_beta = [peerkit, "--config", str(beta.config_path)]
+    return [on_beta + ["peers"], on_beta + ["ping", "alpha"], on_beta + ["apps", "alpha"],
+            on_beta + ["pull", "alpha", "wiki"], on_alpha + ["allow", "beta", "--push"],
+            on_beta + ["push", "alpha", "nextcloud"], on_alpha + ["audit"]]
+
+
 def summary(result: DemoResult, *, keep: bool, peerkit: str = "peerkit") -> list[str]:
     """Return the closing lines: what happened, where the files are, what to try."""
     alpha, beta = result.instances
@@ -229,17 +240,9 @@ def summary(result: DemoResult, *, keep: bool, peerkit: str = "peerkit") -> list
     ]
     if keep:
         pids = " ".join(str(i.server.pid) for i in result.instances if i.server is not None)
-        lines += [
-            "The servers are still running. Try, as this user:",
-            f"   {peerkit} --config {beta.config_path} peers",
-            f"   {peerkit} --config {beta.config_path} ping alpha",
-            f"   {peerkit} --config {beta.config_path} apps alpha",
-            f"   {peerkit} --config {beta.config_path} pull alpha wiki",
-            f"   {peerkit} --config {alpha.config_path} allow beta --push",
-            f"   {peerkit} --config {beta.config_path} push alpha nextcloud",
-            f"   {peerkit} --config {alpha.config_path} audit",
-            f"Stop them with: kill {pids}",
-        ]
+        lines.append("The servers are still running. Try, as this user:")
+        lines += ["   " + shlex.join(argv) for argv in try_commands(result, peerkit)]
+        lines.append(f"Stop them with: kill {pids}")
     else:
         lines.append("The servers are stopped; run `peerkit demo --keep` to try the CLI against them.")
     return lines

@@ -176,3 +176,34 @@ def test_demo_keep_leaves_both_servers_answering(runner):
     assert processes_mentioning(str(base)) == []
     for name in ("alpha", "beta"):
         assert "peerkit serve: stopped" in (base / name / "serve.log").read_text()
+
+
+def test_demo_keep_json_lists_the_commands_to_try(runner):
+    """With --json, a host dashboard gets the commands as argument lists, and each one runs."""
+    base = runner.home / "demo-keep-json"
+    pids: list[int] = []
+    try:
+        proc = runner.run([str(PEERKIT), "--json", "demo", "--small", "--keep", "--dir", str(base)])
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        result = json.loads(proc.stdout.splitlines()[-1])
+        pids = [server["pid"] for server in result["servers"].values()]
+        assert result["kept_running"] is True and sorted(pids) == sorted(processes_mentioning(str(base)))
+        commands = result["try"]
+        assert [argv[3:] for argv in commands] == [
+            ["peers"], ["ping", "alpha"], ["apps", "alpha"], ["pull", "alpha", "wiki"],
+            ["allow", "beta", "--push"], ["push", "alpha", "nextcloud"], ["audit"]]
+        assert {argv[2] for argv in commands} == {str(base / "alpha" / "config.yaml"),
+                                                 str(base / "beta" / "config.yaml")}
+        apps = runner.run([*commands[2][:3], "--json", *commands[2][3:]])
+        assert apps.returncode == 0, apps.stderr
+        assert "wiki" in [a["slug"] for a in json.loads(apps.stdout.splitlines()[-1])["apps"]]
+    finally:
+        for pid in pids or processes_mentioning(str(base)):
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + 10
+        while processes_mentioning(str(base)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    assert processes_mentioning(str(base)) == []

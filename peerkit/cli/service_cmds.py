@@ -68,10 +68,12 @@ def demo(obj: Context, keep: bool, base: Path | None, small: bool) -> None:
     progress = Progress(as_json=obj.json, show_bar=None if obj.json else sys.stdout.isatty())
     result = demo_lib.run(base, say, progress, keep=keep, scale=0.2 if small else 1.0)
     progress.close()
-    lines = demo_lib.summary(result, keep=keep, peerkit=str(Path(sys.executable).parent / "peerkit"))
+    peerkit = str(Path(sys.executable).parent / "peerkit")
+    lines = demo_lib.summary(result, keep=keep, peerkit=peerkit)
     report = result.report
     obj.emit({"dir": str(result.base), "verification_code": result.code, "apps": result.listing,
               "pull": report.to_json() if report else None, "kept_running": keep,
+              "try": demo_lib.try_commands(result, peerkit) if keep else [],
               "servers": {i.name: {"port": i.port, "config": str(i.config_path),
                                    "pid": i.server.pid if keep and i.server else None}
                           for i in result.instances}},

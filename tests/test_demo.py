@@ -137,6 +137,19 @@ def test_demo_runs_without_root_and_stops_its_servers(runner):
         assert "peerkit serve: stopped" in (base / name / "serve.log").read_text()
 
 
+def stop_kept_demo(base: Path, pids: list[int]) -> None:
+    """Stop the servers a kept demo left running and check that none is left behind."""
+    for pid in pids or processes_mentioning(str(base)):
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + 10
+    while processes_mentioning(str(base)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert processes_mentioning(str(base)) == []
+
+
 def test_demo_keep_leaves_both_servers_answering(runner):
     base = runner.home / "demo-keep"
     pids: list[int] = []
@@ -165,15 +178,7 @@ def test_demo_keep_leaves_both_servers_answering(runner):
         back = runner.run([str(PEERKIT), "--config", str(alpha_cfg), "--json", "ping", "beta"])
         assert back.returncode == 0 and json.loads(back.stdout.splitlines()[-1])["remote_name"] == "beta"
     finally:
-        for pid in pids or processes_mentioning(str(base)):
-            try:
-                os.kill(pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-        deadline = time.monotonic() + 10
-        while processes_mentioning(str(base)) and time.monotonic() < deadline:
-            time.sleep(0.05)
-    assert processes_mentioning(str(base)) == []
+        stop_kept_demo(base, pids)
     for name in ("alpha", "beta"):
         assert "peerkit serve: stopped" in (base / name / "serve.log").read_text()
 
@@ -198,12 +203,4 @@ def test_demo_keep_json_lists_the_commands_to_try(runner):
         assert apps.returncode == 0, apps.stderr
         assert "wiki" in [a["slug"] for a in json.loads(apps.stdout.splitlines()[-1])["apps"]]
     finally:
-        for pid in pids or processes_mentioning(str(base)):
-            try:
-                os.kill(pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-        deadline = time.monotonic() + 10
-        while processes_mentioning(str(base)) and time.monotonic() < deadline:
-            time.sleep(0.05)
-    assert processes_mentioning(str(base)) == []
+        stop_kept_demo(base, pids)

@@ -1,4 +1,4 @@
-"""The hostile-input suite: options, the counted summary line, the shared real-process world."""
+"""The hostile-input and fault suites: options, the counted summary line, the shared real-process world."""
 
 from __future__ import annotations
 

@@ -131,6 +131,23 @@ def client_options(world: World, key=None, local_addr: str | None = None) -> dic
     return options
 
 
+@contextlib.contextmanager
+def paramiko_transport(world: World):
+    """A paramiko connection of C to S (another client implementation than asyncssh and OpenSSH)."""
+    import paramiko
+
+    client = paramiko.SSHClient()
+    client.load_host_keys(str(world.server.known_hosts_path))
+    client.set_missing_host_key_policy(paramiko.RejectPolicy())
+    client.connect(LOCALHOST, port=world.server.port, username=world.s.user.name,
+                   pkey=paramiko.Ed25519Key.from_private_key_file(str(world.c.identity)),
+                   allow_agent=False, look_for_keys=False, timeout=10)
+    try:
+        yield client.get_transport()
+    finally:
+        client.close()
+
+
 def run(coro, timeout: float = 60):
     return asyncio.run(asyncio.wait_for(coro, timeout))
 
@@ -197,20 +214,11 @@ def test_env_requests_are_refused_and_never_reach_peer_shell(world, configure):
     assert plain.returncode == 0, plain.stderr
     before = len(world.s.audit_events())
 
-    client = paramiko.SSHClient()
-    client.load_host_keys(str(world.server.known_hosts_path))
-    client.set_missing_host_key_policy(paramiko.RejectPolicy())
-    client.connect(LOCALHOST, port=world.server.port, username=world.s.user.name,
-                   pkey=paramiko.Ed25519Key.from_private_key_file(str(world.c.identity)),
-                   allow_agent=False, look_for_keys=False, timeout=10)
-    try:
-        transport = client.get_transport()
+    with paramiko_transport(world) as transport:
         granted = [name for name, value in HOSTILE_ENV.items()
                    if env_request_granted(transport.open_session(timeout=10), name, value)]
         assert granted == []
         assert transport.is_active()
-    finally:
-        client.close()
 
     async def call(command: str, env: dict | None) -> tuple[int | None, bytes, int]:
         async with asyncssh.connect(LOCALHOST, **client_options(world)) as conn:
@@ -272,22 +280,13 @@ def test_each_refused_request_of_a_paired_peer_is_audited(world):
     import paramiko
 
     tried = run(attempts())
-    client = paramiko.SSHClient()
-    client.load_host_keys(str(world.server.known_hosts_path))
-    client.set_missing_host_key_policy(paramiko.RejectPolicy())
-    client.connect(LOCALHOST, port=world.server.port, username=world.s.user.name,
-                   pkey=paramiko.Ed25519Key.from_private_key_file(str(world.c.identity)),
-                   allow_agent=False, look_for_keys=False, timeout=10)
-    try:
-        transport = client.get_transport()
+    with paramiko_transport(world) as transport:
         with pytest.raises(paramiko.SSHException):
             transport.open_session(timeout=10).request_x11(single_connection=True)
         tried.append("x11")
         # paramiko asks for no reply here: the audit line below is the proof.
         transport.open_session(timeout=10).request_forward_agent(lambda *_: None)
         tried.append("agent")
-    finally:
-        client.close()
     events = wait_for_events(world, before, len(tried))
     assert [e["verb"] for e in events] == tried
     for event in events:
@@ -388,14 +387,7 @@ def test_sessions_per_peer_cap_counts_channels_before_their_command(world, confi
     import paramiko
 
     configure(serve={"max_sessions_per_peer": 2})
-    client = paramiko.SSHClient()
-    client.load_host_keys(str(world.server.known_hosts_path))
-    client.set_missing_host_key_policy(paramiko.RejectPolicy())
-    client.connect(LOCALHOST, port=world.server.port, username=world.s.user.name,
-                   pkey=paramiko.Ed25519Key.from_private_key_file(str(world.c.identity)),
-                   allow_agent=False, look_for_keys=False, timeout=10)
-    try:
-        transport = client.get_transport()
+    with paramiko_transport(world) as transport:
         channels = [transport.open_session(timeout=10) for _ in range(2)]
         with pytest.raises(paramiko.ChannelException):
             transport.open_session(timeout=10)
@@ -407,8 +399,6 @@ def test_sessions_per_peer_cap_counts_channels_before_their_command(world, confi
         assert chan.recv_exit_status() == 0
         for chan in channels:
             chan.close()
-    finally:
-        client.close()
 
 
 def test_per_source_auth_failure_limit(world, configure):

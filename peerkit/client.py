@@ -9,11 +9,12 @@ for a v1 token, and from then on from the recorded key object itself.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable, TypeVar
 
 import asyncssh
 from asyncssh.packet import PacketDecodeError
@@ -21,7 +22,7 @@ from asyncssh.packet import PacketDecodeError
 from .config import Config
 from .errors import (AppBusy, BackupFailed, BadSlug, HookFailed, HostKeyMismatch, IdentityError, NoSpace,
                      TransferIncomplete, UnsafeArchive, NoSuchApp, NoSuchPeer, PeerkitError, PeerRefused,
-                     PeerUnreachable, ProtocolError)
+                     PeerUnreachable, ProtocolError, SessionRefused)
 from .state import Peer, PeerStore
 
 # Flow control: a large window and packets keep a fast link busy.
@@ -31,6 +32,7 @@ MAX_JSON_REPLY = 4 << 20
 MAX_STDERR = 64 << 10
 # A peer that keeps the connection open but stops sending is cut off.
 IDLE_TIMEOUT = 120.0
+T = TypeVar("T")
 # Remote error codes we map to local errors; anything else is "refused".
 _REMOTE_ERRORS: dict[str, type[PeerkitError]] = {
     "bad-slug": BadSlug, "no-such-app": NoSuchApp,
@@ -184,6 +186,8 @@ class PeerConnection:
                 if not closed.done():
                     closed.cancel()
             closed.result()
+        except asyncssh.ChannelOpenError as exc:
+            raise SessionRefused(f"{self.peer.name}: no session: {exc}") from None
         # PacketDecodeError (a ValueError, not an asyncssh.Error): a malformed packet off the wire.
         except (asyncssh.Error, OSError, PacketDecodeError) as exc:
             if sink.failure is not None:
@@ -338,19 +342,52 @@ def get_peer(store: PeerStore, name: str) -> Peer:
 async def open_peer(cfg: Config, store: PeerStore, name: str,
                     notes: Callable[[str], None] | None = None) -> PeerConnection:
     """Connect to ``name`` and ping it, recording the outcome as its status."""
+    conn, _ = await open_peer_with(cfg, store, name, None, notes)
+    return conn
+
+
+async def open_peer_with(cfg: Config, store: PeerStore, name: str,
+                         call: Callable[[PeerConnection], Awaitable[T]] | None,
+                         notes: Callable[[str], None] | None = None
+                         ) -> tuple[PeerConnection, "asyncio.Future[T] | None"]:
+    """Connect to ``name`` and ping it, with ``call(conn)`` running alongside on a second channel.
+
+    Returns the connection and the call's future (the caller awaits it; it
+    is cancelled if the ping fails).  Only the ping's outcome is recorded
+    as the peer's status.
+    """
     peer = get_peer(store, name)
     try:
         conn = await connect(cfg, peer, store, notes=notes)
+        pinged = asyncio.Event()
+        # Both requests go out now, the ping's first: one round trip instead of two.
+        pending = asyncio.ensure_future(_alongside(conn, call, pinged)) if call is not None else None
         try:
             await ping(conn)
+            pinged.set()
         except BaseException:
+            if pending is not None:
+                pending.cancel()
+                with contextlib.suppress(BaseException):
+                    await pending
             await conn.close()
             raise
     except PeerkitError as exc:
         store.set_status(name, status_for(exc), seen=False)
         raise
     store.set_status(name, "ok", seen=True)
-    return conn
+    return conn, pending
+
+
+async def _alongside(conn: PeerConnection, call: Callable[[PeerConnection], Awaitable[T]],
+                     pinged: asyncio.Event) -> T:
+    try:
+        return await call(conn)
+    except SessionRefused:
+        # The peer allows one session at a time (serve.max_sessions_per_peer):
+        # take turns, after the ping.
+        await pinged.wait()
+        return await call(conn)
 
 
 async def ping_peer(cfg: Config, name: str, notes: Callable[[str], None] | None = None) -> dict[str, Any]:

@@ -8,18 +8,14 @@ typo in a trust tool's config should never silently fall back to a default.
 
 from __future__ import annotations
 
-import getpass
 import os
 import re
-import socket
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-import yaml
-
-from . import grammar
+from . import grammar, yamlcache
 from .atomicfile import write_atomic
 from .errors import ConfigError, NotInitialized
 
@@ -116,8 +112,22 @@ def locate(explicit: str | os.PathLike | None = None) -> Path:
 
 def _default_host() -> str:
     """Return the name peers should dial: the FQDN unless it is only localhost."""
+    import socket
+
     fqdn = socket.getfqdn()
     return fqdn if "." in fqdn and not fqdn.startswith("localhost") else socket.gethostname()
+
+
+def _hostname() -> str:
+    import socket
+
+    return socket.gethostname()
+
+
+def _login_name() -> str:
+    import getpass
+
+    return getpass.getuser()
 
 
 def default_peer_shell() -> str:
@@ -126,32 +136,40 @@ def default_peer_shell() -> str:
     return str(beside)
 
 
-class _StrictLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: ignore[misc]
-    """A safe YAML loader that refuses duplicate keys."""
+def _parse_yaml(text: str, path: Path) -> Any:
+    """Return the YAML document in ``text``, refusing duplicate keys."""
+    # Imported here: peer-shell mostly reads the parsed form from yamlcache.
+    import yaml
 
+    class StrictLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: ignore[misc]
+        """A safe YAML loader that refuses duplicate keys."""
 
-def _no_duplicates(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
-    # A duplicate key silently overrides the first one in plain YAML; in a
-    # trust config that hides what an operator thinks they configured.
-    seen: set = set()
-    for key_node, _ in node.value:
-        key = loader.construct_object(key_node, deep=deep)
-        if key in seen:
-            raise yaml.constructor.ConstructorError(
-                None, None, f"duplicate key {key!r}", key_node.start_mark)
-        seen.add(key)
-    return loader.construct_mapping(node, deep=deep)
+    def no_duplicates(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+        # A duplicate key silently overrides the first one in plain YAML; in a
+        # trust config that hides what an operator thinks they configured.
+        seen: set = set()
+        for key_node, _ in node.value:
+            key = loader.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return loader.construct_mapping(node, deep=deep)
 
-
-_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _no_duplicates)
+    StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, no_duplicates)
+    try:
+        return yaml.load(text, Loader=StrictLoader)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
 
 
 def import_config(text: str, path: Path) -> Config:
     """Parse and validate configuration text that was read from ``path``."""
-    try:
-        data = yaml.load(text, Loader=_StrictLoader)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    return _from_document(_parse_yaml(text, path), path)
+
+
+def _from_document(data: Any, path: Path) -> Config:
+    """Validate a parsed config document."""
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -168,11 +186,13 @@ def read_config(path: str | os.PathLike | None = None) -> Config:
         raise NotInitialized(f"no configuration at {cfg_path}") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{cfg_path}: cannot read: {exc}") from None
-    return import_config(text, cfg_path)
+    return _from_document(yamlcache.load(cfg_path, text, lambda t: _parse_yaml(t, cfg_path)), cfg_path)
 
 
 def write_default_config(path: Path, overrides: dict[str, Any] | None = None) -> bool:
     """Write a default config at ``path`` unless one exists; return True if written."""
+    import yaml
+
     if path.exists():
         return False
     data = defaults()
@@ -314,14 +334,14 @@ DEFAULT_REWRITE_GLOBS = [".env", "*.env", "docker-compose.yml", "compose.yaml", 
 # that loading a complete config (peer-shell does, on every SSH call) never
 # pays for a DNS look-up it does not need.
 _SCHEMA: dict[str, Any] = {
-    "name": (_want_name, lambda: grammar.name_from_hostname(socket.gethostname())),
+    "name": (_want_name, lambda: grammar.name_from_hostname(_hostname())),
     "domain": (_want_domain, lambda: None),
     "apps_dir": (_want_path, lambda: "~/.local/share/peerkit/apps"),
     "backups_dir": (_want_path, lambda: "~/.local/share/peerkit/backups"),
     "state_dir": (_want_path, lambda: "~/.local/state/peerkit"),
     "peer_shell": (_want_exe_path, default_peer_shell),
     "ssh": {
-        "user": (_want_user, getpass.getuser),
+        "user": (_want_user, _login_name),
         "host": (_want_host, lambda: _default_host()),
         "port": (_want_port, lambda: 22),
         "identity": (_want_path, lambda: "~/.ssh/peerkit-peer"),

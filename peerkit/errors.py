@@ -89,6 +89,13 @@ class PeersBehind(PeerkitError):
     exit_code = 17
 
 
+class NotLoopback(PeerkitError):
+    """Refusing to serve the web UI beyond this machine without an explicit --listen."""
+
+    code = "not-loopback"
+    exit_code = 18
+
+
 # -- pairing tokens (20-29) -----------------------------------------------
 
 class TokenError(PeerkitError):
@@ -184,6 +191,13 @@ class PeerUnreachable(PeerkitError):
 
     code = "peer-unreachable"
     exit_code = 40
+
+
+class SessionRefused(PeerUnreachable):
+    """The peer refused one more session (its limit of sessions per peer is reached)."""
+
+    code = "session-refused"
+    exit_code = 44
 
 
 class HostKeyMismatch(PeerkitError):

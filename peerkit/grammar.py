@@ -8,7 +8,6 @@ normalisation tricks never match).
 
 from __future__ import annotations
 
-import ipaddress
 import re
 from datetime import timedelta
 
@@ -47,6 +46,8 @@ def is_host(text: str) -> bool:
         # metacharacters included); a zone means nothing on another host.
         if "%" in text:
             return False
+        import ipaddress  # here, not above: peer-shell never needs it
+
         try:
             ipaddress.IPv6Address(text)
         except ValueError:

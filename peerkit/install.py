@@ -1,7 +1,7 @@
 """Install an app that arrived from a peer: the receiving steps shared by pull and push.
 
-    lock -> backup -> (transfer into staging, verified) -> stop -> swap
-         -> rewrite -> start -> post_restore -> cleanup
+    lock -> backup -> (transfer into staging, verified) -> flush -> stop
+         -> swap -> rewrite -> start -> post_restore -> cleanup
 
 The live app directory is touched only by the swap, after a complete and
 verified copy sits beside it.  Any failure after the swap swaps the previous
@@ -26,7 +26,8 @@ from typing import Any, Awaitable, Callable, Iterator, TypeVar
 
 from . import audit, hooks
 from .config import Config
-from .errors import AppBusy, HookFailed, Interrupted, NoSpace, PeerkitError
+from .durable import flush_filesystem
+from .errors import AppBusy, HookFailed, Interrupted, NoSpace, PeerkitError, TransferIncomplete
 from .backup import backup
 from .swap import leftovers, new_staging, remove_tree, swap_in
 from .urlrewrite import rewrite
@@ -220,6 +221,7 @@ class Receiver:
         self.cfg, self.app, self.peer, self.report = cfg, app, peer, report
         self.live = cfg.apps_dir / app
         self.staging: Path | None = None
+        self.flushed = False
         self._held = contextlib.ExitStack()
 
     def __enter__(self) -> "Receiver":
@@ -254,9 +256,29 @@ class Receiver:
         self.staging = new_staging(self.cfg.apps_dir, self.app)
         return self.staging
 
+    def _flush(self) -> None:
+        assert self.staging is not None
+        try:
+            flush_filesystem(self.staging)
+        except OSError as exc:
+            raise_if_disk_full(exc, self.staging)
+            raise TransferIncomplete(f"the copy could not be written to disk: {exc.strerror}") from None
+        self.flushed = True
+
+    async def flush(self) -> None:
+        """Write the staged copy to disk before commit(), in a thread: a signal meanwhile cancels cleanly."""
+        # On disk before it goes live (and before the app is stopped, so the
+        # flush does not lengthen its downtime): after a crash the app is
+        # then the whole old copy or the whole new one, never empty files.
+        with self.report.stage("flush"):
+            await asyncio.to_thread(self._flush)
+
     def commit(self, source_domain: str | None, keep_urls: bool) -> None:
         """Swap the verified staging copy in, with hooks; signals wait until it is consistent."""
         assert self.staging is not None
+        if not self.flushed:
+            with self.report.stage("flush"):
+                self._flush()
         with held_signals() as pending:
             try:
                 switch(self.cfg, self.peer, self.app, self.staging, source_domain, keep_urls, self.report)

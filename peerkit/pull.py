@@ -12,19 +12,17 @@ leaves the local app as it was.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import signal
 import time
 from pathlib import Path
 
 from . import grammar
 from .archive import TarExtractor, check_tree
-from .client import PeerConnection, list_apps, open_peer
+from .client import PeerConnection, list_apps, open_peer_with
 from .compress import ZstdFeeder, choose
 from .config import Config
 from .errors import (BadSlug, NoSuchApp, PeerkitError, PeerUnreachable, TransferIncomplete,
                      UnsafeArchive)
+from .heap import keep_freed_memory
 from .install import NoteFn, ProgressFn, Receiver, Report, check_space, raise_if_disk_full, run_transfer
 from .state import PeerStore
 
@@ -41,6 +39,7 @@ def ceiling(cfg: Config, size_kb: int) -> int:
 async def _tar_transfer(conn: PeerConnection, cfg: Config, app: str, size_kb: int, staging: Path,
                         compressed: bool, report: Report, progress: ProgressFn | None) -> None:
     """Stream the app's tar into ``staging`` and verify it arrived whole."""
+    keep_freed_memory()
     extractor = TarExtractor(staging, max_bytes=ceiling(cfg, size_kb))
     total = size_kb * 1024
     extracted = 0
@@ -88,7 +87,7 @@ async def _rsync_transfer(cfg: Config, conn: PeerConnection, app: str, staging: 
     from .rsync import run_client
 
     with report.stage("transfer"):
-        report.bytes = await run_client(cfg, conn.peer, app, staging, live if live.is_dir() else None)
+        report.bytes = await run_client(conn, app, staging, live if live.is_dir() else None)
     with report.stage("verify"):
         # rsync applied its own rules; ours are stricter (no escaping
         # symlinks, no special files, no setuid), so check what it wrote.
@@ -140,13 +139,17 @@ async def _pull(cfg: Config, peer_name: str, app: str, pre_backup: bool, keep_ur
     # The slug becomes a path under apps_dir: the same grammar as peer-shell's.
     if not grammar.is_slug(app):
         raise BadSlug(repr(app[:80]))
-    loop = asyncio.get_running_loop()
     with Receiver(cfg, app, peer_name, report) as receiver:
         with PeerStore(cfg.db_path) as store, report.stage("ping"):
-            conn = await open_peer(cfg, store, peer_name, note)
+            # list-apps goes out with the ping, on a second channel; its
+            # answer is taken (and its failures reported) in "inventory".
+            conn, listing = await open_peer_with(cfg, store, peer_name, list_apps, note)
         async with conn:
             with report.stage("inventory"):
-                inventory = await list_apps(conn)
+                try:
+                    inventory = await listing
+                finally:
+                    listing.cancel()
                 entry = next((a for a in inventory["apps"] if a["slug"] == app), None)
                 if entry is None:
                     raise NoSuchApp(f"{peer_name} has no app {app}")
@@ -161,9 +164,10 @@ async def _pull(cfg: Config, peer_name: str, app: str, pre_backup: bool, keep_ur
                 await _tar_transfer(conn, cfg, app, entry["size_kb"], staging, compressed, report,
                                     progress)
             _remember_rate(cfg, peer_name, report.bytes, time.monotonic() - started, use_rsync)
-        # From the stop hook on, signals are held (commit), not turned into cancellation.
-        with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.remove_signal_handler(signal.SIGTERM)
+        await receiver.flush()
+        # commit() runs without yielding to the loop, so the SIGTERM handler
+        # run_transfer installed cannot cancel it; it only keeps SIGTERM from
+        # its default action (death) until commit holds signals itself.
         receiver.commit(inventory["domain"], keep_urls)
 
 

@@ -152,7 +152,7 @@ async def _send_rsync(conn: PeerConnection, cfg: Config, app: str, report: Repor
     from .rsync import run_push
 
     with report.stage("transfer"):
-        report.bytes, stderr = await run_push(cfg, conn.peer, app, cfg.apps_dir / app)
+        report.bytes, stderr = await run_push(conn, app, cfg.apps_dir / app)
     answer = last_json(stderr)
     return answer if answer and answer.get("ok") is True else {"ok": True}
 

@@ -1,10 +1,15 @@
-"""Incremental transfers with rsync over the same pinned SSH key.
+"""Incremental transfers with rsync, carried by the peer's open SSH connection.
 
-Client side: rsync runs with OpenSSH as its transport, configured from the
-peer's record alone (our identity only, the recorded host key pinned, no
-agent, no forwarding, no user ssh config).  The copy lands in a staging
-directory seeded by ``--link-dest`` against the live app: unchanged files are
-hard links, changed files are new files, and the live app is never written.
+Client side: rsync's remote shell is ``rsyncrelay.py``, which hands the
+command rsync wants run, and rsync's own pipes, to this process over a
+socket pair.  We accept only the rsync server command for this app and this
+direction, run it as one more exec channel on the connection that already
+authenticated with our identity and pinned the peer's host key (no second
+login, no OpenSSH client, no agent, no forwarding), and move the bytes
+between the channel and rsync's pipes with the channel's flow control.  The
+copy lands in a staging directory seeded by ``--link-dest`` against the live
+app: unchanged files are hard links, changed files are new files, and the
+live app is never written.
 
 Server side (peer-shell): the request was validated by ``rsyncargs``; the
 command run is rebuilt from it with our absolute path and ``--``.
@@ -13,20 +18,30 @@ command run is rebuilt from it with our absolute path and ``--``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import shutil
-import tempfile
+import socket
+import sys
 from pathlib import Path
+from typing import Any, Callable
 
-from .client import StreamResult, encryption_algs, raise_remote, remote_error
-from .config import Config
+import asyncssh
+
+from .client import MAX_PACKET, MAX_STDERR, WINDOW, PeerConnection, StreamResult, raise_remote, remote_error
 from .errors import PeerkitError, TransferIncomplete
-from .state import Peer
+from .rsyncargs import parse_rsync
 
 RSYNC_PATH = "/usr/local/bin:/usr/bin:/bin"
+RELAY = Path(__file__).with_name("rsyncrelay.py")
+# The host part of rsync's remote path: only ever handed back to us by the relay.
+HOST = "peer"
 _RECEIVED = re.compile(rb"Total bytes received: ([0-9,]+)")
 _SENT = re.compile(rb"Total bytes sent: ([0-9,]+)")
+# rsync's -e splits on spaces and honours quotes; these need neither.
+_PLAIN = re.compile(r"[A-Za-z0-9/._+=:@%-]+")
+_MAX_REQUEST = 4096
 
 
 def rsync_binary() -> str | None:
@@ -34,41 +49,24 @@ def rsync_binary() -> str | None:
     return shutil.which("rsync", path=RSYNC_PATH)
 
 
-def _ssh_config(cfg: Config, peer: Peer, directory: Path) -> Path:
-    """Write a private ssh_config that reaches ``peer`` exactly as the asyncssh client does."""
-    host_key = peer.config.get("host_key")
-    if not host_key:
-        raise PeerkitError(f"no host key recorded for {peer.name} yet; run `peerkit ping {peer.name}`")
-    alias = f"peerkit-{peer.name}"
-    known = directory / "known_hosts"
-    known.write_text(f"{alias} {host_key}\n", encoding="ascii")
-    ciphers = ",".join(c for c in encryption_algs() if "@openssh.com" in c or c.endswith("-ctr"))
-    lines = [
-        f"Host {alias}",
-        f"  HostName {peer.config['host']}",
-        f"  Port {peer.config['port']}",
-        f"  User {peer.config['user']}",
-        f'  IdentityFile "{cfg.ssh.identity}"',
-        "  IdentitiesOnly yes", "  IdentityAgent none", "  BatchMode yes",
-        "  PasswordAuthentication no", "  KbdInteractiveAuthentication no",
-        # The host key recorded (and checked against the token's pins) by
-        # the asyncssh client; nothing else is accepted.
-        "  StrictHostKeyChecking yes", f'  UserKnownHostsFile "{known}"', "  GlobalKnownHostsFile /dev/null",
-        f"  HostKeyAlias {alias}", "  UpdateHostKeys no", "  CheckHostIP no",
-        "  ForwardAgent no", "  ForwardX11 no", "  ClearAllForwardings yes", "  ControlMaster no",
-        "  ControlPath none", "  PermitLocalCommand no", "  LogLevel ERROR",
-        f"  ConnectTimeout {cfg.ssh.connect_timeout}", "  ServerAliveInterval 15", "  ServerAliveCountMax 4",
-        f"  Ciphers {ciphers}",
-    ]
-    path = directory / "ssh_config"
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return path
+def relay_command(fd: int) -> str:
+    """Return rsync's ``-e`` value: the relay, run by this Python, talking to socket ``fd``."""
+    words = [sys.executable, "-I", "-S", str(RELAY), str(fd)]
+    quoted = []
+    for word in words:
+        if _PLAIN.fullmatch(word):
+            quoted.append(word)
+        elif "'" not in word:
+            quoted.append(f"'{word}'")
+        else:
+            raise PeerkitError(f"cannot hand {word!r} to rsync -e (it contains a quote)")
+    return " ".join(quoted)
 
 
-def client_argv(rsync: str, ssh_config: Path, remote: str, local: str, *, pull: bool,
+def client_argv(rsync: str, relay: str, remote: str, local: str, *, pull: bool,
                 link_dest: Path | None) -> list[str]:
     """Return the rsync command line the client runs."""
-    argv = [rsync, "-rlptH", "--numeric-ids", "--stats", "-e", f"ssh -F {ssh_config}"]
+    argv = [rsync, "-rlptH", "--numeric-ids", "--stats", "-e", relay]
     if os.geteuid() == 0:
         argv.insert(2, "-og")  # owners only mean something when we are root
     if pull:
@@ -79,44 +77,155 @@ def client_argv(rsync: str, ssh_config: Path, remote: str, local: str, *, pull: 
     return argv + ["--", remote, local]
 
 
-async def run_client(cfg: Config, peer: Peer, app: str, staging: Path, live: Path | None) -> int:
-    """Pull ``app`` from ``peer`` into ``staging`` with rsync; return the bytes received."""
-    out, _ = await _run(cfg, peer, lambda rsync, ssh_config: client_argv(
-        rsync, ssh_config, f"peerkit-{peer.name}:{app}/", f"{staging}/", pull=True, link_dest=live))
+def checked_command(words: list[str], app: str, *, pull: bool) -> str:
+    """Return the remote command line for the relay's ``words``, or refuse anything but ours.
+
+    The relay speaks for whatever runs as rsync's remote shell: only the
+    rsync server command for this app and this direction may reach the peer.
+    """
+    if len(words) < 2 or words[0] != HOST:
+        raise PeerkitError("rsync named another host or added ssh options")
+    command = words[1:]
+    # Words with spaces or controls would not split back into the same
+    # words on the peer's side.
+    if not all(w and w.isascii() and w.isprintable() and " " not in w for w in command):
+        raise PeerkitError("rsync's remote command has unexpected characters")
+    try:
+        request = parse_rsync(command)
+    except PeerkitError as exc:
+        raise PeerkitError(f"not an rsync server command peerkit sends: {exc.detail}") from None
+    if request.slug != app or request.sender != pull:
+        raise PeerkitError("rsync's remote command is for another app or direction")
+    return " ".join(command)
+
+
+async def _relay_request(sock: socket.socket) -> tuple[list[str], list[int]]:
+    """Wait for the relay's one message: the words rsync gave it, and its stdin and stdout."""
+    loop = asyncio.get_running_loop()
+    ready = loop.create_future()
+    loop.add_reader(sock.fileno(), lambda: ready.done() or ready.set_result(None))
+    try:
+        await ready
+    finally:
+        loop.remove_reader(sock.fileno())
+    data, fds, flags, _ = socket.recv_fds(sock, _MAX_REQUEST, 2)
+    if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC) or len(fds) != 2 or not data:
+        for fd in fds:
+            os.close(fd)
+        raise PeerkitError("the rsync relay sent no usable request")
+    try:
+        return data.decode("ascii").split("\0"), fds
+    except UnicodeDecodeError:
+        for fd in fds:
+            os.close(fd)
+        raise PeerkitError("rsync's remote command is not ASCII") from None
+
+
+async def _carry(conn: PeerConnection, sock: socket.socket, app: str, pull: bool) -> bytes:
+    """Run the relay's command on ``conn`` with rsync's pipes as stdin/stdout; return the remote stderr."""
+    words, fds = await _relay_request(sock)
+    pipes = [os.fdopen(fds[0], "rb", buffering=0), os.fdopen(fds[1], "wb", buffering=0)]
+    proc: Any = None
+    try:
+        command = checked_command(words, app, pull=pull)
+        # asyncssh moves the bytes with flow control both ways, sends EOF
+        # when rsync closes its end, closes rsync's input at the remote's
+        # EOF, and closes both pipes when the channel closes.
+        proc = await conn.conn.create_process(
+            command, encoding=None, stdin=pipes[0], stdout=pipes[1], stderr=asyncssh.PIPE,
+            window=WINDOW, max_pktsize=MAX_PACKET)
+        err = bytearray()
+        # Bounded, and drained all along: stdout and stderr share one window.
+        while data := await proc.stderr.read(1 << 16):
+            err += data[:MAX_STDERR - len(err)]
+        result = await proc.wait()
+    except (asyncssh.Error, OSError) as exc:
+        raise TransferIncomplete(f"{conn.peer.name}: connection lost during rsync: {exc}") from None
+    finally:
+        if proc is None:
+            for pipe in pipes:
+                pipe.close()
+        else:
+            proc.close()  # a no-op once it ended; otherwise the remote command must not outlive us
+    status = result.exit_status
+    # No exit status: the channel went away (ssh says 255 too).
+    with contextlib.suppress(OSError):  # a relay that is gone has nobody to tell
+        sock.send(b"%d" % (status if status is not None and 0 <= status < 256 else 255))
+    return bytes(err)
+
+
+async def run_client(conn: PeerConnection, app: str, staging: Path, live: Path | None) -> int:
+    """Pull ``app`` from the peer into ``staging`` with rsync; return the bytes received."""
+    out, _ = await _run(conn, app, True, lambda rsync, relay: client_argv(
+        rsync, relay, f"{HOST}:{app}/", f"{staging}/", pull=True, link_dest=live))
     match = _RECEIVED.search(out)
     return int(match.group(1).replace(b",", b"")) if match else 0
 
 
-async def run_push(cfg: Config, peer: Peer, app: str, live: Path) -> tuple[int, bytes]:
-    """Push our ``app`` to ``peer`` with rsync; return the bytes sent and rsync's stderr."""
-    out, err = await _run(cfg, peer, lambda rsync, ssh_config: client_argv(
-        rsync, ssh_config, f"{live}/", f"peerkit-{peer.name}:{app}/", pull=False, link_dest=None))
+async def run_push(conn: PeerConnection, app: str, live: Path) -> tuple[int, bytes]:
+    """Push our ``app`` to the peer with rsync; return the bytes sent and the remote stderr."""
+    out, err = await _run(conn, app, False, lambda rsync, relay: client_argv(
+        rsync, relay, f"{live}/", f"{HOST}:{app}/", pull=False, link_dest=None))
     return parse_sent(out), err
 
 
-async def _run(cfg: Config, peer: Peer, make_argv) -> tuple[bytes, bytes]:
-    """Run the rsync client built by ``make_argv(rsync, ssh_config)``; raise if it fails."""
+async def _run(conn: PeerConnection, app: str, pull: bool,
+               make_argv: Callable[[str, str], list[str]]) -> tuple[bytes, bytes]:
+    """Run the rsync client built by ``make_argv(rsync, relay)`` over ``conn``; raise if it fails.
+
+    Returns rsync's stdout and the remote side's stderr.
+    """
     rsync = rsync_binary()
     if rsync is None:
         raise PeerkitError("rsync is not installed")
-    with tempfile.TemporaryDirectory(prefix="peerkit-rsync-") as tmp:
-        argv = make_argv(rsync, _ssh_config(cfg, peer, Path(tmp)))
+    # SEQPACKET: the relay's request is one message, never split or merged.
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    proc = None
+    carry = local = None
+    try:
+        ours.setblocking(False)
         proc = await asyncio.create_subprocess_exec(
-            *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE, env={"PATH": RSYNC_PATH, "LC_ALL": "C"})
-        try:
-            out, err = await proc.communicate()
-        except BaseException:
+            *make_argv(rsync, relay_command(theirs.fileno())), stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            env={"PATH": RSYNC_PATH, "LC_ALL": "C"}, pass_fds=(theirs.fileno(),))
+        theirs.close()
+        carry = asyncio.ensure_future(_carry(conn, ours, app, pull))
+        local = asyncio.ensure_future(proc.communicate())
+        await asyncio.wait({carry, local}, return_when=asyncio.FIRST_COMPLETED)
+        if carry.done() and carry.exception() is not None:
+            carry.result()  # refused, or the connection went away: stop rsync (below)
+        if not carry.done():
+            # rsync ended without (or before finishing) its remote command.
+            await local
+            carry.cancel()
+            with contextlib.suppress(asyncio.CancelledError, PeerkitError):
+                await carry
+            remote_err = b""
+        else:
+            remote_err = carry.result()
+        out, err = await local
+    except BaseException:
+        if carry is not None and not carry.done():
+            carry.cancel()
+            with contextlib.suppress(BaseException):
+                await carry
+        if proc is not None and proc.returncode is None:
             proc.kill()
             await proc.wait()
-            raise
+        if local is not None:
+            local.cancel()
+        raise
+    finally:
+        theirs.close()
+        ours.close()
     if proc.returncode != 0:
-        code = remote_error(err)
+        code = remote_error(remote_err)
         if code is not None:
             # peer-shell refused or failed and said why on stderr.
-            raise_remote(peer.name, StreamResult(proc.returncode, 0, err, code))
-        raise TransferIncomplete(f"rsync exited {proc.returncode}: {err.decode('utf-8', 'replace')[-300:]}")
-    return out, err
+            raise_remote(conn.peer.name, StreamResult(proc.returncode, 0, remote_err, code))
+        text = (err + remote_err).decode("utf-8", "replace")
+        raise TransferIncomplete(f"rsync exited {proc.returncode}: {text[-300:]}")
+    return out, remote_err
 
 
 def parse_sent(stats: bytes) -> int:

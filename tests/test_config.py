@@ -111,7 +111,8 @@ def test_init_writes_defaults_with_mode_0600(isolated_home):
     assert cfg.ssh.port == 22
     # Written values are the ~-relative defaults, so the file moves with HOME.
     assert "~/.local/share/peerkit/apps" in path.read_text()
-    assert sorted(p.name for p in path.parent.iterdir()) == ["config.yaml"]
+    # Nothing else is left beside it but the parsed form read_config keeps (yamlcache).
+    assert sorted(p.name for p in path.parent.iterdir()) == [".config.yaml.parsed.json", "config.yaml"]
 
 
 def test_init_is_idempotent_and_keeps_file_bytes(tmp_path):

@@ -1,4 +1,4 @@
-"""CLI commands that run services: serve, demo, systemd install."""
+"""CLI commands that run services: serve, web, demo, systemd install."""
 
 from __future__ import annotations
 
@@ -42,6 +42,41 @@ def serve(obj: Context, listen: str | None, port: int | None) -> None:
     asyncio.run(serve_forever(cfg, listen=address, port=cfg.ssh.port if port is None else port,
                               limits=limits, ready=ready))
     obj.emit({"stopped": True}, "peerkit serve: stopped")
+
+
+@click.command(epilog="""\b
+Examples:
+  peerkit web                      # http://127.0.0.1:8765/?token=...
+  peerkit web --port 0 --json      # a free port; the address as JSON
+  peerkit web --listen 192.0.2.10  # beyond this machine, on purpose""")
+@click.option("--port", type=click.IntRange(0, 65535), default=8765, show_default=True,
+              help="Port (0 picks a free one).")
+@click.option("--listen", metavar="ADDR",
+              help="Address to listen on (default: 127.0.0.1); required for any non-loopback address.")
+@common_options
+def web(obj: Context, port: int, listen: str | None) -> None:
+    """Serve the local admin page: peers, pairing, apps and pulls.
+
+    Every action on the page runs this CLI with --json. The address printed
+    at start carries a random access token, needed on every request.
+    Stop it with Ctrl-C or SIGTERM (running pulls are stopped safely).
+    """
+    from ..web import serve as serve_web
+    from ..web.security import is_loopback
+
+    cfg = read_config(obj.config)
+
+    def ready(url: str, address: str, bound: int) -> None:
+        obj.emit({"event": "listening", "url": url, "listen": address, "port": bound, "name": cfg.name},
+                 f"peerkit web: {cfg.name} at\n    {url}")
+        obj.note("Open the address above; its token is the key to this page, so keep it to yourself. "
+                 "Stop with Ctrl-C.")
+        if not is_loopback(address):
+            obj.note(f"warning: listening on {address}: anyone who can reach it and learns the token "
+                     "can pair, unpair and pull (plain HTTP: use an SSH tunnel or a TLS proxy)")
+
+    asyncio.run(serve_web(cfg.path.absolute(), cfg.name, listen=listen, port=port, ready=ready))
+    obj.emit({"event": "stopped"}, "peerkit web: stopped")
 
 
 @click.command(epilog="""\b
@@ -114,4 +149,4 @@ def systemd_install(obj: Context, user_mode: bool, target: Path | None) -> None:
     obj.emit({"units": [str(p) for p in paths]}, human)
 
 
-COMMANDS = [serve, demo, systemd_group]
+COMMANDS = [serve, web, demo, systemd_group]

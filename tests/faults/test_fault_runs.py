@@ -215,6 +215,7 @@ def run_signal(dst: rig.Puller, sc: Scenario) -> None:
     hook_mark = dst.ctl / f"{case.slug}.{stage}.started"
     hook_mark.unlink(missing_ok=True)
     held = None
+    pings = len(source.inst.audit_events())
     if stage in ("ping", "inventory"):
         held = source.hold(dst, "list-apps" if stage == "inventory" else "ping", 6)
         source.plan(case.slug, data)
@@ -230,6 +231,13 @@ def run_signal(dst: rig.Puller, sc: Scenario) -> None:
     try:
         if held is not None:
             wait_for(held.exists, 30, f"the pull to reach {stage}", case)
+            if stage == "inventory":
+                # list-apps goes out with the ping: the pull is in "inventory"
+                # once the ping was answered (and its reply read).
+                answered = lambda: any(e.get("verb") == "ping" and e.get("peer") == dst.inst.name  # noqa: E731
+                                       for e in source.inst.audit_events()[pings:])
+                wait_for(answered, 30, "the ping to be answered", case)
+                time.sleep(0.5)
         elif stage == "transfer":
             wait_for(mark.exists, 30, "the stream to stall", case)
         elif backup:

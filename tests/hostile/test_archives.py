@@ -121,13 +121,13 @@ def test_crafted_stream_in_process(site, monkeypatch, case):
     data = archives.CASES[case]()
     conn = FakeConnection(data, seed=zlib.crc32(case.encode()))
 
-    async def open_peer(*_a, **_k):
-        return conn
+    async def open_peer_with(_cfg, _store, _name, call, *_a, **_k):
+        return conn, asyncio.ensure_future(call(conn))
 
     async def list_apps(_conn):
         return {"peer": "src", "apps": [{"slug": APP, "size_kb": max(1, len(data) // 1024)}], "domain": None}
 
-    monkeypatch.setattr(pull_module, "open_peer", open_peer)
+    monkeypatch.setattr(pull_module, "open_peer_with", open_peer_with)
     monkeypatch.setattr(pull_module, "list_apps", list_apps)
     COUNTS.archives += 1
     with pytest.raises(PeerkitError) as info:

@@ -521,7 +521,7 @@ def test_pull_end_to_end_both_ways(paired, e2e_apps):
         assert result["app"] == slug and result["backup"] is None and result["rewritten"] == []
         assert run.outcomes() == [
             ("lock", "ok"), ("ping", "ok"), ("inventory", "ok"), ("backup", "skipped"),
-            ("transfer", "ok"), ("verify", "ok"), ("stop", "skipped"), ("swap", "ok"),
+            ("transfer", "ok"), ("verify", "ok"), ("flush", "ok"), ("stop", "skipped"), ("swap", "ok"),
             ("rewrite", "skipped"), ("start", "ok"), ("post_restore", "ok")], run.why()
         pulled = snapshot(puller.apps_dir / slug)
         assert diff(_as_pulled_by(source, puller.user), pulled) == []
@@ -536,7 +536,7 @@ def test_pull_end_to_end_both_ways(paired, e2e_apps):
     result = _check_progress_then_result(run, 20 << 20, 2000)
     stages = run.stages
     assert [n for n, _ in run.outcomes()] == [
-        "lock", "ping", "inventory", "backup", "transfer", "verify", "stop", "swap", "rewrite",
+        "lock", "ping", "inventory", "backup", "transfer", "verify", "flush", "stop", "swap", "rewrite",
         "start", "post_restore", "cleanup"]
     assert all(stages[n]["outcome"] == "ok" for n in ("backup", "stop", "swap", "cleanup"))
     [archive] = sorted((backups_dir(beta) / "e2e-from-alpha").iterdir())

@@ -367,6 +367,9 @@ def test_sessions_per_peer_cap(world, configure):
             for conn in (first, second):
                 with pytest.raises(asyncssh.ChannelOpenError):
                     await conn.run("ping", check=False)
+            # The CLI says so in its own words and code.
+            proc, result = await asyncio.to_thread(world.c.cli, "ping", world.s.name, check=False)
+            assert (proc.returncode, result["error"]) == (44, "session-refused"), proc.stderr
             release.touch()
             for proc in held:
                 result = await proc.wait(check=False)
@@ -379,7 +382,23 @@ def test_sessions_per_peer_cap(world, configure):
     run(scenario())
     refusals = world.serve_events(before)
     assert [(e["verb"], e["outcome"], e["reason"], e["peer"]) for e in refusals] == [
-        ("session", "refused", "session limit 2 reached", "site-c")] * 2, refusals
+        ("session", "refused", "session limit 2 reached", "site-c")] * 3, refusals
+
+
+def test_pull_takes_turns_with_a_server_that_allows_one_session(world, configure):
+    """A pull asks list-apps alongside the ping; with one session allowed, it asks again after it."""
+    configure(serve={"max_sessions_per_peer": 1})
+    c = world.c
+    before = len(world.s.audit_events())
+    out = c.user.run([str(c.peerkit), "pull", "site-s", "slow", "--json", "--no-pre-backup"],
+                     env=c.user.env(extra_path=[c.bin_dir]), check=False)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert out.returncode == 0 and result["ok"] is True, (out.stdout, out.stderr)
+    assert (c.apps_dir / "slow" / "README").read_bytes() == b"slow\n" * 100
+    # The second channel was refused (and audited), then list-apps ran on its own.
+    assert [(e["verb"], e["outcome"]) for e in world.serve_events(before)] == [("session", "refused")]
+    assert [e["verb"] for e in world.shell_events(before)] == ["ping", "list-apps", "stream-app"]
+    shutil.rmtree(c.apps_dir / "slow")
 
 
 def test_sessions_per_peer_cap_counts_channels_before_their_command(world, configure):

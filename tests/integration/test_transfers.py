@@ -922,6 +922,51 @@ def test_post_stream_runs_when_the_puller_is_killed(world):
             shutil.rmtree(b.apps_dir / name)
 
 
+def _processes_of(user: harness.ThrowawayUser, word: str) -> list[str]:
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if os.stat(f"/proc/{pid}").st_uid != user.uid:
+                continue
+            with open(f"/proc/{pid}/cmdline", "rb") as fh:
+                cmdline = fh.read().replace(b"\0", b" ").decode("utf-8", "replace")
+        except OSError:
+            continue
+        if word in cmdline:
+            found.append(cmdline)
+    return found
+
+
+def test_sigterm_during_an_incremental_pull_stops_rsync_and_the_remote(world):
+    """rsync runs over the puller's own connection: a SIGTERM ends rsync, its relay and the remote send."""
+    a, b = world.a, world.b
+    _slow_app(world)
+    _stream_hooks(world)
+    before = len(stream_lines(world, "slowapp"))
+    argv = [str(b.peerkit), "pull", a.name, "slowapp", "--incremental", "--no-pre-backup", "--json"]
+    proc = b.user.popen(argv, env=b.user.env(extra_path=[b.bin_dir]), stdout=subprocess.PIPE,
+                        stderr=subprocess.PIPE, text=True)
+    try:
+        assert harness.wait_until(lambda: stream_lines(world, "slowapp")[before:] == ["pre slowapp site-b"], 30, 0.05)
+        assert harness.wait_until(lambda: _processes_of(b.user, "rsyncrelay"), 10, 0.05)
+        time.sleep(0.3)
+        os.kill(proc.pid, signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+        result = json.loads(out.strip().splitlines()[-1])
+        assert result["error"] == "interrupted", (out, err)
+        assert [s["name"] for s in result["stages"] if s["outcome"] == "failed"] == ["transfer"], result
+        # The remote send ended (its post_stream hook ran), and nothing of ours is left.
+        assert _wait_for_post(world, "slowapp", before) == ["pre slowapp site-b", "post slowapp site-b"]
+        assert harness.wait_until(lambda: not _processes_of(b.user, "rsync"), 10, 0.05), \
+            _processes_of(b.user, "rsync")
+        assert leftovers(b) == [] and not (b.apps_dir / "slowapp").exists()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        write_config(world, "a")
+
+
 def test_failing_pre_stream_refuses_the_stream(world):
     a, b = world.a, world.b
     live = b.apps_dir / "hookapp"

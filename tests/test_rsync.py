@@ -1,0 +1,101 @@
+"""peerkit.rsync and peerkit.rsyncrelay: rsync's remote shell hands its command to the peerkit process.
+
+The relay may speak for anything that runs as rsync's remote shell, so the
+peerkit process runs only the rsync server command for the app and the
+direction it asked for; everything else is refused before a channel opens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from peerkit.errors import PeerkitError
+from peerkit.rsync import HOST, RELAY, _relay_request, checked_command, client_argv, relay_command
+
+CAPS = "e.iLsfxCIvu"
+PULL = ["rsync", "--server", "--sender", f"-lHogtpr{CAPS}", "--numeric-ids", ".", "app/"]
+PUSH = ["rsync", "--server", f"-lHtpr{CAPS}", "--delete", "--stats", "--numeric-ids", ".", "app/"]
+
+
+@pytest.mark.parametrize("words,pull", [(PULL, True), (PUSH, False)])
+def test_our_own_command_is_passed_on_as_one_line(words, pull):
+    assert checked_command([HOST, *words], "app", pull=pull) == " ".join(words)
+
+
+REFUSED = [
+    (["other", *PULL], "another host"),
+    (["-l", "root", HOST, *PULL], "ssh options before the host"),
+    ([HOST], "no command"),
+    ([HOST, "sh", "-c", "id"], "not rsync"),
+    ([HOST, *PULL[:-1], "other/"], "another app"),
+    ([HOST, *PUSH], "the other direction"),
+    ([HOST, *PULL[:-2], "--rsh=sh", ".", "app/"], "an option off the allowlist"),
+    ([HOST, *PULL[:-1], "app/ x"], "a word that would split on the peer"),
+    ([HOST, *PULL[:-1], "app/\n"], "a control character"),
+    ([HOST, *PULL[:4], "", *PULL[4:]], "an empty word"),
+]
+
+
+@pytest.mark.parametrize("words,why", REFUSED, ids=[why for _, why in REFUSED])
+def test_anything_else_is_refused(words, why):
+    with pytest.raises(PeerkitError):
+        checked_command(words, "app", pull=True)
+
+
+def test_client_argv_puts_the_relay_in_and_paths_after_double_dash(tmp_path):
+    argv = client_argv("/usr/bin/rsync", "RELAY", f"{HOST}:app/", f"{tmp_path}/", pull=True, link_dest=tmp_path)
+    assert argv[argv.index("-e") + 1] == "RELAY"
+    assert argv[-3:] == ["--", f"{HOST}:app/", f"{tmp_path}/"]
+    assert f"--link-dest={tmp_path}" in argv
+
+
+def test_relay_command_quotes_only_what_needs_it(monkeypatch):
+    monkeypatch.setattr(sys, "executable", "/opt/my python/bin/python3")
+    assert relay_command(7) == f"'/opt/my python/bin/python3' -I -S {RELAY} 7"
+    monkeypatch.setattr(sys, "executable", "/opt/it's/python3")
+    with pytest.raises(PeerkitError):
+        relay_command(7)
+
+
+def _start_relay(*words: str) -> tuple[subprocess.Popen, socket.socket, int]:
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    ours.setblocking(False)
+    stdin_r, stdin_w = os.pipe()
+    proc = subprocess.Popen([sys.executable, "-I", "-S", str(RELAY), str(theirs.fileno()), *words],
+                            stdin=stdin_r, stdout=subprocess.PIPE, pass_fds=(theirs.fileno(),), env={})
+    os.close(stdin_r)
+    theirs.close()
+    return proc, ours, stdin_w
+
+
+def test_relay_hands_over_its_words_and_pipes_and_exits_with_the_answer():
+    proc, ours, to_stdin = _start_relay(HOST, *PULL)
+    words, fds = asyncio.run(_relay_request(ours))
+    assert words == [HOST, *PULL]
+    # fds[0] is the relay's stdin (rsync's output), fds[1] its stdout (rsync's input).
+    os.write(to_stdin, b"to the peer")
+    assert os.read(fds[0], 100) == b"to the peer"
+    os.write(fds[1], b"from the peer")
+    os.close(fds[1])
+    assert proc.stdout.read() == b"from the peer"  # and EOF: the relay kept no copy of its stdout
+    os.close(fds[0])
+    ours.send(b"23")
+    assert proc.wait(10) == 23
+    ours.close()
+    os.close(to_stdin)
+
+
+def test_relay_without_an_answer_exits_255_like_ssh():
+    proc, ours, to_stdin = _start_relay(HOST, *PULL)
+    _, fds = asyncio.run(_relay_request(ours))
+    for fd in fds:
+        os.close(fd)
+    ours.close()
+    assert proc.wait(10) == 255
+    os.close(to_stdin)

@@ -25,6 +25,7 @@ from peerkit.config import Config, read_config
 from peerkit.state import PeerStore
 from tests.conftest import run_peerkit
 from tests.support import sshd as harness
+from tests.support import ci
 
 VENV_PEER_SHELL = Path(sys.executable).parent / "peer-shell"
 NOBODY = pwd.getpwnam("nobody").pw_uid if "nobody" in {p.pw_name for p in pwd.getpwall()} else 65534
@@ -33,10 +34,6 @@ HEALTHY_SSHD = "# test sshd_config\nPubkeyAuthentication yes\nAuthorizedKeysFile
 CHECKS = ["sshd-authorized-keys-file", "sshd-pubkey-authentication", "mode-home", "mode-ssh-dir",
           "mode-authorized-keys", "mode-identity", "peer-shell", "login-shell", "key-lines-without-peer",
           "peers-without-key-line", "key-lines-current"]
-
-
-def in_ci() -> bool:
-    return os.environ.get("CI", "").lower() == "true"
 
 
 class Env:
@@ -329,7 +326,7 @@ def test_key_line_current_after_permission_changes(env):
 def test_advertised_host_key_against_a_real_sshd(env, tmp_path, monkeypatch):
     problems = harness.missing_prerequisites()
     if problems:
-        if in_ci():
+        if ci.in_ci():
             pytest.fail("; ".join(problems))
         pytest.skip("; ".join(problems))
     root = harness.make_root("peerkit-doctor-")

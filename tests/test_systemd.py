@@ -25,6 +25,7 @@ import pytest
 
 from peerkit.systemd import UNITS
 from tests.instances import make_instance
+from tests.support import ci
 
 PEERKIT = Path(sys.executable).parent / "peerkit"
 SERVICES = [name for name in UNITS if name.endswith(".service")]
@@ -33,14 +34,8 @@ HARDENING = ("NoNewPrivileges=yes", "ProtectSystem=strict", "PrivateTmp=yes",
 SYSTEMD_ANALYZE = shutil.which("systemd-analyze", path="/usr/bin:/bin:/usr/sbin:/sbin")
 
 
-def _in_ci() -> bool:
-    return os.environ.get("CI", "").lower() == "true"
-
-
 def unavailable(reason: str) -> None:
-    if _in_ci():
-        pytest.fail(f"cannot run on CI: {reason}", pytrace=False)
-    pytest.skip(reason)
+    ci.unavailable("systemd unit tests", reason)
 
 
 def install(peerkit, cfg_path: Path, target: Path, *flags: str) -> dict[str, str]:

@@ -35,14 +35,13 @@ Without root or without /usr/sbin/sshd the tests skip, except under
 
 from __future__ import annotations
 
-import os
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 
 from tests.support import sshd as harness
+from tests.support import ci
 
 
 # Every user the session may need: sshd's AllowUsers is fixed at start.
@@ -70,15 +69,8 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     metafunc.parametrize("server_kind", kinds, indirect=True, scope="session", ids=kinds)
 
 
-def _in_ci() -> bool:
-    return os.environ.get("CI", "").lower() == "true"
-
-
 def unavailable(reason: str) -> None:
-    """Skip, or fail under CI=true, because the environment cannot run these tests."""
-    if _in_ci():
-        pytest.fail(f"integration tests cannot run on CI: {reason}", pytrace=False)
-    pytest.skip(f"integration tests need root and OpenSSH: {reason}")
+    ci.unavailable("integration tests (root and OpenSSH)", reason)
 
 
 @pytest.fixture(scope="session")

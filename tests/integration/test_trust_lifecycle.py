@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -37,6 +36,7 @@ from peerkit.errors import BadPermission, NoSuchApp, PeerRefused
 from peerkit.token import parse_token
 from peerkit.verify import fingerprint_groups
 from tests.support import sshd as harness
+from tests.support import ci
 
 pytestmark = pytest.mark.integration
 
@@ -48,15 +48,8 @@ _SQL = ("import sqlite3, sys\ndb = sqlite3.connect(sys.argv[1])\nwith db:\n"
         "    print(db.execute(sys.argv[2], sys.argv[3:]).rowcount)\n")
 
 
-def _in_ci() -> bool:
-    return os.environ.get("CI", "").lower() == "true"
-
-
 def unavailable(reason: str) -> None:
-    """Skip, or fail under CI=true (CI must never go green by skipping)."""
-    if _in_ci():
-        pytest.fail(f"integration tests cannot run on CI: {reason}", pytrace=False)
-    pytest.skip(f"integration tests need root and OpenSSH: {reason}")
+    ci.unavailable("integration tests (root and OpenSSH)", reason)
 
 
 @dataclass

@@ -30,8 +30,9 @@ import pytest
 import yaml
 
 from peerkit import pairing
-from peerkit.config import Config, default_peer_shell, read_config
-from peerkit.demo import make_sample_apps
+from peerkit.config import default_peer_shell
+from peerkit.demo import Instance, make_sample_apps
+from tests.support import ci
 
 ROOT = Path(__file__).resolve().parents[2]
 CHROMIUM = Path("/usr/bin/chromium")
@@ -41,15 +42,8 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
 ARTIFACTS = Path(os.environ.get("PEERKIT_ARTIFACTS") or ROOT / "test-artifacts" / "web")
 
 
-def _in_ci() -> bool:
-    return os.environ.get("CI", "").lower() == "true"
-
-
 def unavailable(reason: str) -> None:
-    """Skip, or fail under CI=true, because this machine cannot run the browser tests."""
-    if _in_ci():
-        pytest.fail(f"web UI browser tests cannot run on CI: {reason}", pytrace=False)
-    pytest.skip(f"web UI browser tests need chromium and playwright: {reason}")
+    ci.unavailable("web UI browser tests (chromium and playwright)", reason)
 
 
 def child_env(home: Path) -> dict[str, str]:
@@ -66,25 +60,10 @@ def free_port() -> int:
 
 
 @dataclass
-class Node:
-    """One peerkit instance of the web tests, with its `peerkit serve` process."""
+class Node(Instance):
+    """One peerkit instance of the web tests (the demo's kind), with its `peerkit serve` process."""
 
-    name: str
-    root: Path
-    port: int
-    server: subprocess.Popen | None = None
     extra: dict = field(default_factory=dict)
-
-    @property
-    def config_path(self) -> Path:
-        return self.root / "config.yaml"
-
-    @property
-    def domain(self) -> str:
-        return f"{self.name}.example"
-
-    def config(self) -> Config:
-        return read_config(self.config_path)
 
     def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
         """Run the real CLI against this instance."""
@@ -213,9 +192,13 @@ def web_server(web_instances):
     stop_process(server.proc)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def playwright_browser():
-    """Headless Debian chromium, driven by Playwright (never a downloaded browser)."""
+    """Headless Debian chromium, driven by Playwright (never a downloaded browser).
+
+    Package scope: Playwright's sync API runs an event loop in this thread
+    while it is open, and tests outside tests/web call asyncio.run().
+    """
     problems = []
     try:
         from playwright.sync_api import sync_playwright

@@ -11,11 +11,9 @@ literal text, create no element from it and run none of it.
 from __future__ import annotations
 
 import asyncio
-import json
 import sys
 import textwrap
 import threading
-from pathlib import Path
 
 import pytest
 

@@ -29,7 +29,6 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import BinaryIO
 
-from .durable import WRITEBACK_STEP, start_writeback
 from .errors import PeerkitError, TransferIncomplete, UnsafeArchive
 
 __all__ = ["ExtractStats", "TarExtractor", "extract_fileobj"]
@@ -280,8 +279,6 @@ class TarExtractor:
         self._zero_blocks = 0
         self._out_fd = -1
         self._out_meta: tuple[int, int, int, int] = (0, 0, 0, 0)
-        self._written = 0            # data bytes of the current file written so far
-        self._flushed = 0            # ... of which the kernel was asked to write back
         self._member = b""           # name of the current member (for details)
         self._meta_type = b""
         self._meta_buf = bytearray()
@@ -396,10 +393,6 @@ class TarExtractor:
                 _write_all(self._out_fd, mv[pos:pos + take])
                 pos += take
                 self._remaining -= take
-                self._written += take
-                if self._written - self._flushed >= WRITEBACK_STEP:
-                    start_writeback(self._out_fd, self._flushed, self._written - self._flushed)
-                    self._flushed = self._written
                 if not self._remaining:
                     self._close_file()
                     self._state = _PAD if self._pad else _HEADER
@@ -628,7 +621,6 @@ class TarExtractor:
             raise self._os_refusal(exc, "cannot create file") from exc
         self._out_fd = fd
         self._out_meta = (mode, mtime_ns, uid, gid)
-        self._written = self._flushed = 0
         self._regular.add(comps)
         self.stats.files += 1
         self.stats.content_bytes += size
@@ -644,8 +636,6 @@ class TarExtractor:
         """Apply owner, mode and mtime to the finished file and close it."""
         fd = self._out_fd
         mode, mtime_ns, uid, gid = self._out_meta
-        if self._written > self._flushed:
-            start_writeback(fd, self._flushed, 0)
         if self._preserve:
             os.fchown(fd, uid, gid)
         os.fchmod(fd, mode)

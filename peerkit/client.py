@@ -245,19 +245,28 @@ def host_key_algs(recorded: asyncssh.SSHKey | None) -> str | list[str]:
     return own + [alg.decode("ascii") for alg in get_default_public_key_algs() if alg.decode("ascii") not in own]
 
 
+def read_identity(cfg: Config, identity: Path | None = None) -> asyncssh.SSHKey:
+    """Return our private key (or the one at ``identity``)."""
+    key_path = identity or cfg.ssh.identity
+    try:
+        return asyncssh.read_private_key(str(key_path))
+    except (OSError, asyncssh.KeyImportError) as exc:
+        raise IdentityError(f"cannot read {key_path}: {exc}") from None
+
+
 async def connect(cfg: Config, peer: Peer, store: PeerStore | None = None,
                   *, notes: Callable[[str], None] | None = None,
-                  identity: Path | None = None) -> PeerConnection:
-    """Open an authenticated, host-key-pinned connection to ``peer`` (with our identity, or ``identity``)."""
+                  identity: Path | None = None, client_key: asyncssh.SSHKey | None = None) -> PeerConnection:
+    """Open an authenticated, host-key-pinned connection to ``peer``.
+
+    With our identity, or the key at ``identity``, or ``client_key`` already read.
+    """
     pc = peer.config
     recorded = pc.get("host_key")
     trusted = [asyncssh.import_public_key(recorded)] if recorded else []
     client = _PinningClient(set(pc.get("host_key_fingerprints") or ()), bool(recorded))
-    key_path = identity or cfg.ssh.identity
-    try:
-        client_key = asyncssh.read_private_key(str(key_path))
-    except (OSError, asyncssh.KeyImportError) as exc:
-        raise IdentityError(f"cannot read {key_path}: {exc}") from None
+    if client_key is None:
+        client_key = read_identity(cfg, identity)
     try:
         conn = await asyncssh.connect(
             pc["host"], pc["port"], username=pc["user"],
@@ -393,34 +402,42 @@ async def _alongside(conn: PeerConnection, call: Callable[[PeerConnection], Awai
 async def ping_peer(cfg: Config, name: str, notes: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Ping one peer; return its name, version and the round trip time."""
     with PeerStore(cfg.db_path) as store:
-        started = time.monotonic()
-        peer = get_peer(store, name)
-        try:
-            conn = await connect(cfg, peer, store, notes=notes)
-            async with conn:
-                t0 = time.monotonic()
-                reply = await ping(conn)
-                rtt = time.monotonic() - t0
-        except PeerkitError as exc:
-            store.set_status(name, status_for(exc), seen=False)
-            raise
-        store.set_status(name, "ok", seen=True)
-    return {"peer": name, "remote_name": reply.get("peer"), "version": reply.get("version"),
+        return await _ping_recorded(cfg, store, get_peer(store, name), notes, None)
+
+
+async def _ping_recorded(cfg: Config, store: PeerStore, peer: Peer, notes: Callable[[str], None] | None,
+                         client_key: asyncssh.SSHKey | None) -> dict[str, Any]:
+    """Ping ``peer`` and record the outcome as its status."""
+    started = time.monotonic()
+    try:
+        conn = await connect(cfg, peer, store, notes=notes, client_key=client_key)
+        async with conn:
+            t0 = time.monotonic()
+            reply = await ping(conn)
+            rtt = time.monotonic() - t0
+    except PeerkitError as exc:
+        store.set_status(peer.name, status_for(exc), seen=False)
+        raise
+    store.set_status(peer.name, "ok", seen=True)
+    return {"peer": peer.name, "remote_name": reply.get("peer"), "version": reply.get("version"),
             "rtt_ms": round(rtt * 1000, 1), "total_ms": round((time.monotonic() - started) * 1000, 1)}
 
 
 async def ping_all(cfg: Config, notes: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
     """Ping every peer concurrently; return one result per peer (never raises for one peer)."""
+    # One database connection and one read of our key for all of them: per
+    # peer, they cost the event loop more than the peer's own round trip.
     with PeerStore(cfg.db_path) as store:
-        names = [p.name for p in store.all()]
+        peers = store.all()
+        client_key = read_identity(cfg) if peers else None
 
-    async def one(name: str) -> dict[str, Any]:
-        try:
-            return {"ok": True, **await ping_peer(cfg, name, notes)}
-        except PeerkitError as exc:
-            return {"ok": False, "peer": name, "error": exc.code, "message": exc.message}
+        async def one(peer: Peer) -> dict[str, Any]:
+            try:
+                return {"ok": True, **await _ping_recorded(cfg, store, peer, notes, client_key)}
+            except PeerkitError as exc:
+                return {"ok": False, "peer": peer.name, "error": exc.code, "message": exc.message}
 
-    return list(await asyncio.gather(*(one(n) for n in names)))
+        return list(await asyncio.gather(*(one(p) for p in peers)))
 
 
 async def peer_apps(cfg: Config, name: str, notes: Callable[[str], None] | None = None) -> dict[str, Any]:

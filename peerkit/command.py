@@ -17,7 +17,7 @@ quoting, no escaping and no shell: what does not match is refused.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from typing import Any, NamedTuple
 
 from . import grammar
 from .errors import BadSlug, PeerRefused
@@ -39,21 +39,36 @@ VERBS: dict[str, tuple[tuple[str, ...], frozenset[str], frozenset[str]]] = {
 _KEY_B64 = re.compile(r"[A-Za-z0-9+/]{68}", re.ASCII)
 
 
-@dataclass(frozen=True)
-class Request:
-    """A validated peer-shell request."""
+class Request(NamedTuple):
+    """A validated peer-shell request (equality and hash ignore ``words``)."""
 
+    # A NamedTuple, not a dataclass, for peer-shell's start-up: see config.py.
     verb: str
     slug: str | None = None
     key: str | None = None
     flags: frozenset[str] = frozenset()
     domain: str | None = None
     rsync: RsyncRequest | None = None
-    words: tuple[str, ...] = field(default=(), compare=False)
+    words: tuple[str, ...] = ()
 
     def canonical(self) -> str:
         """Return the command text this request was parsed from."""
         return " ".join(self.words)
+
+    # Two requests are equal whatever text they were parsed from (words was
+    # compare=False in the dataclass); words is the last field.
+    def __eq__(self, other: Any) -> bool:
+        if other.__class__ is not self.__class__:
+            return NotImplemented
+        return self[:-1] == other[:-1]
+
+    def __ne__(self, other: Any) -> bool:
+        if other.__class__ is not self.__class__:
+            return NotImplemented
+        return self[:-1] != other[:-1]
+
+    def __hash__(self) -> int:
+        return hash(self[:-1])
 
 
 def parse_command(text: str | None) -> Request:

@@ -11,9 +11,10 @@ from __future__ import annotations
 import os
 import re
 import sys
-from dataclasses import dataclass, field
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Callable
+from types import MappingProxyType
+from typing import Any, Callable, NamedTuple
 
 from . import grammar, yamlcache
 from .atomicfile import write_atomic
@@ -27,8 +28,11 @@ ENV_VAR = "PEERKIT_CONFIG"
 _SHELL_SAFE_PATH = re.compile(r"/[A-Za-z0-9_./+@%,-]*", re.ASCII)
 
 
-@dataclass(frozen=True)
-class SSHSettings:
+# SSHSettings, HookSettings and Config (and command.Request,
+# rsyncargs.RsyncRequest, state.Peer) are NamedTuples or plain classes, not
+# dataclasses: peer-shell imports them on every SSH call, and `dataclasses`
+# costs ~20 ms of its start-up (it imports inspect, and execs code per class).
+class SSHSettings(NamedTuple):
     """How peers reach us: what our token advertises and which files sshd reads."""
 
     user: str
@@ -40,8 +44,7 @@ class SSHSettings:
     connect_timeout: int = 10
 
 
-@dataclass(frozen=True)
-class HookSettings:
+class HookSettings(NamedTuple):
     """Commands run around a transfer (None means "auto": docker compose if present)."""
 
     stop: tuple[tuple[str, ...], ...] | None = None
@@ -53,9 +56,8 @@ class HookSettings:
     timeout: int = 600
 
 
-@dataclass(frozen=True)
-class Config:
-    """A validated instance configuration."""
+class Config(NamedTuple):
+    """A validated instance configuration (change a copy with ``cfg._replace(...)``)."""
 
     path: Path
     name: str
@@ -65,15 +67,16 @@ class Config:
     peer_shell: Path
     ssh: SSHSettings
     domain: str | None = None
-    hooks: HookSettings = field(default_factory=HookSettings)
+    hooks: HookSettings = HookSettings()
     restic_repository: Path | None = None
     restic_password_file: Path | None = None
     url_rewrite_globs: tuple[str, ...] = ()
     max_app_bytes: int = 1 << 40
     sender_may_skip_backup: bool = False
     link_mbps: int | None = None
-    serve: dict = field(default_factory=dict)
-    raw: dict = field(repr=False, compare=False, default_factory=dict)
+    # _validate always passes both; the shared defaults are read-only.
+    serve: Mapping[str, Any] = MappingProxyType({})
+    raw: Mapping[str, Any] = MappingProxyType({})  # the document as read, before defaults
 
     @property
     def db_path(self) -> Path:

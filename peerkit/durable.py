@@ -3,41 +3,32 @@
 Neither tar nor rsync syncs what it writes: after a crash shortly after a
 swap, the new app could hold empty or partial files while the old one had
 already been removed.  peerkit therefore flushes the staging copy's
-filesystem once (``syncfs``) before the swap.  To keep that flush short, the
-extractor asks the kernel to start writing each file back while the
-transfer is still running (``sync_file_range`` with ``SYNC_FILE_RANGE_WRITE``,
-which does not wait), so disk and network work at the same time.
+filesystem once (``syncfs``) before the swap.  To keep that flush short, a
+tar transfer runs ``BackgroundFlush``: a thread that syncs the filesystem
+whenever another 64 MiB arrived, so the disk writes while the network
+delivers.  It must be a thread: starting write-back from the extractor
+itself (``sync_file_range`` per file, tried first) blocked the event loop
+whenever the disk queue was full, and cost more than it saved (README,
+Benchmarks).
 """
 
 from __future__ import annotations
 
 import ctypes
 import os
+import threading
 from pathlib import Path
 
-_SYNC_FILE_RANGE_WRITE = 2
-
 try:
-    _libc = ctypes.CDLL(None, use_errno=True)
+    _libc = ctypes.CDLL(None, use_errno=True)  # CDLL: calls release the GIL
     _syncfs = _libc.syncfs
     _syncfs.argtypes = [ctypes.c_int]
-    _sync_file_range = _libc.sync_file_range
-    _sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
 except (AttributeError, OSError):  # pragma: no cover - not glibc/Linux
     _syncfs = None
-    _sync_file_range = None
 
-# Start writeback after this many new bytes of one file (a few per stream
-# chunk would cost a syscall each for no gain).
-WRITEBACK_STEP = 8 << 20
-
-
-def start_writeback(fd: int, offset: int, length: int) -> None:
-    """Ask the kernel to start writing ``length`` bytes at ``offset`` of ``fd`` (0 = to the end); never wait."""
-    if _sync_file_range is not None:
-        # A hint only: an error (a filesystem without support) changes nothing
-        # because flush_filesystem() below is what the swap relies on.
-        _sync_file_range(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
+# Sync again after this many new bytes: large enough that a sync is worth
+# its fixed cost, small enough that the final flush has little left.
+FLUSH_STEP = 64 << 20
 
 
 def flush_filesystem(path: Path) -> None:
@@ -53,3 +44,46 @@ def flush_filesystem(path: Path) -> None:
             raise OSError(err, os.strerror(err), str(path))
     finally:
         os.close(fd)
+
+
+class BackgroundFlush:
+    """Sync the filesystem holding ``path`` from a thread, each time ``step`` more bytes were written.
+
+    Only a head start: errors are ignored here, because ``flush_filesystem``
+    before the swap is what the swap relies on, and it reports them.
+    """
+
+    def __init__(self, path: Path, step: int = FLUSH_STEP) -> None:
+        self._step = step
+        self._pending = 0
+        self.syncs = 0  # how many background syncs ran (for tests and curiosity)
+        self._wake = threading.Event()
+        self._stop = False
+        self._fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        self._thread = threading.Thread(target=self._run, name="flush", daemon=True)
+        self._thread.start()
+
+    def wrote(self, n: int) -> None:
+        """Count ``n`` bytes written; wake the thread once a step is full (never waits)."""
+        self._pending += n
+        if self._pending >= self._step:
+            self._pending = 0
+            self._wake.set()
+
+    def _run(self) -> None:
+        while True:
+            self._wake.wait()
+            self._wake.clear()
+            if self._stop:
+                return
+            if _syncfs is not None:
+                _syncfs(self._fd)  # waits for the disk, in this thread only
+            self.syncs += 1
+
+    def close(self) -> None:
+        """Stop the thread (after a sync in progress ends); safe to call twice."""
+        if not self._stop:
+            self._stop = True
+            self._wake.set()
+            self._thread.join()
+            os.close(self._fd)

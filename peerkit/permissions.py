@@ -9,7 +9,6 @@ enforces them before peer-shell even starts.
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import replace
 from datetime import datetime, timezone
 
 from . import authkeys, grammar
@@ -91,7 +90,7 @@ def change(cfg: Config, name: str, *, allow: bool, apps: tuple[str, ...] = (), a
         for key in ("apps", "deny_apps"):
             if isinstance(perms[key], list):
                 perms[key] = sorted(perms[key])
-        updated = replace(current, permissions=perms)
+        updated = current.replace(permissions=perms)
         keys = authkeys.read_authorized_keys(cfg.ssh.authorized_keys)
         save_peer(cfg, store, keys, updated, current)
     return updated

@@ -20,8 +20,8 @@ from .archive import TarExtractor, check_tree
 from .client import PeerConnection, list_apps, open_peer_with
 from .compress import ZstdFeeder, choose
 from .config import Config
-from .errors import (BadSlug, NoSuchApp, PeerkitError, PeerUnreachable, TransferIncomplete,
-                     UnsafeArchive)
+from .durable import BackgroundFlush
+from .errors import BadSlug, NoSuchApp, PeerUnreachable, TransferIncomplete, UnsafeArchive
 from .heap import keep_freed_memory
 from .install import NoteFn, ProgressFn, Receiver, Report, check_space, raise_if_disk_full, run_transfer
 from .state import PeerStore
@@ -41,12 +41,14 @@ async def _tar_transfer(conn: PeerConnection, cfg: Config, app: str, size_kb: in
     """Stream the app's tar into ``staging`` and verify it arrived whole."""
     keep_freed_memory()
     extractor = TarExtractor(staging, max_bytes=ceiling(cfg, size_kb))
+    flusher = BackgroundFlush(staging)
     total = size_kb * 1024
     extracted = 0
 
     def extract(data: bytes) -> None:
         nonlocal extracted
         extractor.feed(data)
+        flusher.wrote(len(data))
         extracted += len(data)
         if progress is not None:
             progress("transfer", extracted, total)
@@ -79,6 +81,8 @@ async def _tar_transfer(conn: PeerConnection, cfg: Config, app: str, size_kb: in
         extractor.abort()
         raise_if_disk_full(exc, staging.parent)
         raise
+    finally:
+        flusher.close()
 
 
 async def _rsync_transfer(cfg: Config, conn: PeerConnection, app: str, staging: Path, live: Path,

@@ -16,7 +16,7 @@ from typing import Any
 import asyncssh
 
 from . import grammar
-from .apps import archive_size, tar_command
+from .apps import ZSTD_SEND, archive_size, tar_command
 from .client import PeerConnection, StreamResult, last_json, open_peer, raise_remote, remote_error
 from .compress import choose, zstd_binary
 from .config import Config
@@ -55,7 +55,7 @@ async def _send_tar(conn: PeerConnection, cfg: Config, app: str, command: str, c
     procs = [subprocess.Popen(tar_command(live), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                               stderr=subprocess.DEVNULL, env=_ENV, close_fds=True)]
     if compressed:
-        procs.append(subprocess.Popen([zstd_binary() or "zstd", "-1", "-T0", "-q", "-c"],
+        procs.append(subprocess.Popen([zstd_binary() or "zstd", *ZSTD_SEND[1:]],
                                       stdin=procs[0].stdout, stdout=subprocess.PIPE,
                                       stderr=subprocess.DEVNULL, env=_ENV, close_fds=True))
         procs[0].stdout.close()

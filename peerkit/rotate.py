@@ -11,7 +11,6 @@ longer exists here: they are listed with our new token to re-pair by hand.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,8 +44,8 @@ def accept_new_key(cfg: Config, peer_name: str, b64: str) -> dict[str, Any]:
             _check_conflicts(keys, store, peer_name, key, replace=True)
         except KeyInUse as exc:
             raise PeerRefused(f"replace-key: {exc.detail}") from None
-        updated = dataclasses.replace(current, config={**current.config, "key": key.line(),
-                                                       "fingerprint": key.fingerprint})
+        updated = current.replace(config={**current.config, "key": key.line(),
+                                          "fingerprint": key.fingerprint})
         save_peer(cfg, store, keys, updated, current)
     return {"ok": True, "peer": cfg.name, "fingerprint": key.fingerprint}
 

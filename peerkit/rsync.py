@@ -21,7 +21,6 @@ import asyncio
 import contextlib
 import os
 import re
-import shutil
 import socket
 import sys
 from pathlib import Path
@@ -31,9 +30,8 @@ import asyncssh
 
 from .client import MAX_PACKET, MAX_STDERR, WINDOW, PeerConnection, StreamResult, raise_remote, remote_error
 from .errors import PeerkitError, TransferIncomplete
-from .rsyncargs import parse_rsync
+from .rsyncargs import RSYNC_PATH, parse_rsync, rsync_binary
 
-RSYNC_PATH = "/usr/local/bin:/usr/bin:/bin"
 RELAY = Path(__file__).with_name("rsyncrelay.py")
 # The host part of rsync's remote path: only ever handed back to us by the relay.
 HOST = "peer"
@@ -42,11 +40,6 @@ _SENT = re.compile(rb"Total bytes sent: ([0-9,]+)")
 # rsync's -e splits on spaces and honours quotes; these need neither.
 _PLAIN = re.compile(r"[A-Za-z0-9/._+=:@%-]+")
 _MAX_REQUEST = 4096
-
-
-def rsync_binary() -> str | None:
-    """Return the path of rsync, or None when it is not installed."""
-    return shutil.which("rsync", path=RSYNC_PATH)
 
 
 def relay_command(fd: int) -> str:

@@ -15,7 +15,7 @@ directory we choose), never passed through.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from . import grammar
 from .errors import BadSlug, PeerRefused
@@ -30,12 +30,21 @@ _FLAGS = re.compile(r"-([A-Za-z]+)e\.([A-Za-z]{1,32})", re.ASCII)
 _ALLOWED_LONG_PULL = {"--numeric-ids"}
 _ALLOWED_LONG_PUSH = {"--numeric-ids", "--delete", "--stats"}
 MAX_WORDS = 8
+# Where both sides look for rsync (never the caller's PATH).
+RSYNC_PATH = "/usr/local/bin:/usr/bin:/bin"
 
 
-@dataclass(frozen=True)
-class RsyncRequest:
+def rsync_binary() -> str | None:
+    """Return the path of rsync, or None when it is not installed."""
+    import shutil  # not at the top: peer-shell's other verbs never need it
+
+    return shutil.which("rsync", path=RSYNC_PATH)
+
+
+class RsyncRequest(NamedTuple):
     """A validated rsync server request for one app."""
 
+    # A NamedTuple, not a dataclass, for peer-shell's start-up: see config.py.
     sender: bool  # True: the peer pulls from us; False: it pushes to us
     flags: str
     options: tuple[str, ...]

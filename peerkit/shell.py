@@ -130,17 +130,18 @@ def _dispatch(cfg: Any, peer: Any, request: Request, fds: tuple[int, int, int], 
         offered = [app for app in list_apps(cfg.apps_dir) if peer.may_see(app["slug"])]
         sent(_reply(stdout_fd, {"peer": cfg.name, "apps": offered, "domain": cfg.domain}))
     elif request.verb == "stream-app":
-        from .receive import send_app
+        from .send import send_app
         send_app(cfg, peer, request, stdout_fd, sent, event)
     elif request.verb == "receive-app":
         from .receive import receive_app
         sent(_reply(stdout_fd, receive_app(cfg, peer, request, stdin_fd, event)))
+    elif request.verb == "rsync" and request.rsync is not None and request.rsync.sender:
+        from .send import serve_rsync_send
+        serve_rsync_send(cfg, peer, request, fds, event)
     elif request.verb == "rsync":
         from .receive import serve_rsync
-        result = serve_rsync(cfg, peer, request, fds, event)
-        if result is not None:
-            # stdout belonged to rsync's protocol: the outcome goes to stderr.
-            _say(stderr_fd, result)
+        # stdout belongs to rsync's protocol: the outcome goes to stderr.
+        _say(stderr_fd, serve_rsync(cfg, peer, request, fds))
     elif request.verb == "replace-key":
         from .rotate import accept_new_key
         sent(_reply(stdout_fd, accept_new_key(cfg, peer.name, request.key)))
@@ -150,7 +151,7 @@ def _dispatch(cfg: Any, peer: Any, request: Request, fds: tuple[int, int, int], 
 
 def _features() -> list[str]:
     """Return what this peer-shell can do beyond the seed's verbs."""
-    # The directories rsync.RSYNC_PATH and compress.ZSTD_PATH search, checked
+    # The directories rsyncargs.RSYNC_PATH and compress.ZSTD_PATH search, checked
     # as shutil.which would (without importing shutil on every call).
     found = [tool for tool in ("rsync", "zstd")
              if any(_is_executable(f"{d}/{tool}") for d in ("/usr/local/bin", "/usr/bin", "/bin"))]

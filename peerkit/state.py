@@ -6,7 +6,6 @@ import json
 import os
 import sqlite3
 import urllib.parse
-from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -48,18 +47,40 @@ def now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-@dataclass
 class Peer:
-    """One paired peer."""
+    """One paired peer (copy one with changes with ``peer.replace(...)``)."""
 
-    name: str
-    kind: str = KIND_DIRECT
-    config: dict[str, Any] = field(default_factory=dict)
-    status: str = "new"
-    last_seen: str | None = None
-    created_at: str = field(default_factory=now)
-    permissions: dict[str, Any] = field(default_factory=default_permissions)
-    expires_at: str | None = None
+    # A plain class, not a dataclass, for peer-shell's start-up: see config.py.
+    __slots__ = ("name", "kind", "config", "status", "last_seen", "created_at", "permissions", "expires_at")
+    __hash__ = None  # type: ignore[assignment]  # mutable: unhashable, like the dataclass was
+
+    def __init__(self, name: str, kind: str = KIND_DIRECT, config: dict[str, Any] | None = None,
+                 status: str = "new", last_seen: str | None = None, created_at: str | None = None,
+                 permissions: dict[str, Any] | None = None, expires_at: str | None = None) -> None:
+        self.name = name
+        self.kind = kind
+        self.config: dict[str, Any] = {} if config is None else config
+        self.status = status
+        self.last_seen = last_seen
+        self.created_at: str = now() if created_at is None else created_at
+        self.permissions: dict[str, Any] = default_permissions() if permissions is None else permissions
+        self.expires_at = expires_at
+
+    def _values(self) -> tuple[Any, ...]:
+        return tuple(getattr(self, name) for name in self.__slots__)
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{name}={getattr(self, name)!r}" for name in self.__slots__)
+        return f"{type(self).__name__}({fields})"
+
+    def __eq__(self, other: object) -> bool:
+        if other.__class__ is not self.__class__:
+            return NotImplemented
+        return self._values() == other._values()  # type: ignore[attr-defined]
+
+    def replace(self, **changes: Any) -> "Peer":
+        """Return a copy with ``changes`` (shallow, like dataclasses.replace)."""
+        return type(self)(**{**{name: getattr(self, name) for name in self.__slots__}, **changes})
 
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "kind": self.kind, **self.config, "status": self.status,

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import ctypes
-import dataclasses
 import errno
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -29,16 +29,45 @@ def test_flush_refuses_what_is_not_a_directory(tmp_path):
         durable.flush_filesystem(tmp_path / "missing")
 
 
-def test_start_writeback_leaves_the_file_as_written(tmp_path):
-    data = os.urandom(3 * durable.WRITEBACK_STEP // 2)
-    fd = os.open(tmp_path / "f", os.O_WRONLY | os.O_CREAT, 0o600)
+def test_background_flush_syncs_once_per_step_in_its_own_thread(tmp_path):
+    flusher = durable.BackgroundFlush(tmp_path, step=1 << 20)
     try:
-        os.write(fd, data)
-        durable.start_writeback(fd, 0, durable.WRITEBACK_STEP)
-        durable.start_writeback(fd, durable.WRITEBACK_STEP, 0)
+        data = os.urandom(1 << 20)
+        for i in range(3):
+            (tmp_path / f"f{i}").write_bytes(data)
+            flusher.wrote(len(data))
+            # Each full step wakes the thread; wait for its sync to be counted.
+            deadline = time.monotonic() + 10
+            while flusher.syncs < i + 1 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert flusher.syncs == i + 1
+        flusher.wrote((1 << 20) - 1)  # short of a step: no sync
+        time.sleep(0.1)
+        assert flusher.syncs == 3
     finally:
-        os.close(fd)
-    assert (tmp_path / "f").read_bytes() == data
+        flusher.close()
+    flusher.close()  # twice is harmless
+    assert all((tmp_path / f"f{i}").read_bytes() == data for i in range(3))
+
+
+def test_background_flush_ignores_a_failing_sync_the_final_flush_reports_it(tmp_path, monkeypatch):
+    failing = _FailingSyncfs(errno.EIO)
+    monkeypatch.setattr(durable, "_syncfs", failing)
+    flusher = durable.BackgroundFlush(tmp_path, step=1)
+    flusher.wrote(1)
+    deadline = time.monotonic() + 10
+    while flusher.syncs < 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    flusher.close()
+    assert failing.calls == 1 and flusher.syncs == 1
+    with pytest.raises(OSError) as caught:
+        durable.flush_filesystem(tmp_path)
+    assert caught.value.errno == errno.EIO
+
+
+def test_background_flush_needs_a_directory(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        durable.BackgroundFlush(tmp_path / "missing")
 
 
 class _FailingSyncfs:
@@ -67,8 +96,8 @@ def receiver_world(tmp_path):
     marks = tmp_path / "marks"
     marks.mkdir()
     # The stop hook leaves a mark: it must not run when the flush fails.
-    hooks = dataclasses.replace(cfg.hooks, stop=(("/bin/sh", "-c", f"touch {marks}/stopped"),))
-    return dataclasses.replace(cfg, hooks=hooks), live, marks
+    hooks = cfg.hooks._replace(stop=(("/bin/sh", "-c", f"touch {marks}/stopped"),))
+    return cfg._replace(hooks=hooks), live, marks
 
 
 def _staged(receiver: Receiver) -> Path:

@@ -1,10 +1,14 @@
-"""CLI commands that set up trust: init, token, pair, unpair, peers."""
+"""CLI commands that set up trust: init, token, pair, unpair, peers.
+
+Each command imports ``pairing`` itself: every `peerkit` run registers these
+commands, and `ping` or `pull` would otherwise load it (and keys, authkeys,
+token) for nothing, ~14 ms of their start-up.
+"""
 
 from __future__ import annotations
 
 import click
 
-from .. import pairing
 from ..config import read_config
 from .main import Context, common_options
 
@@ -26,6 +30,7 @@ def init(obj: Context, name: str | None, host: str | None, port: int | None, use
     ssh = {k: v for k, v in (("host", host), ("port", port), ("user", user)) if v is not None}
     if ssh:
         overrides["ssh"] = ssh
+    from .. import pairing
     result = pairing.init(obj.config, overrides)
     cfg = result.config
     if not result.config_created and overrides:
@@ -57,6 +62,7 @@ def token(obj: Context, version: str) -> None:
     from ..verify import fingerprint_groups
 
     cfg = read_config(obj.config)
+    from .. import pairing
     text, warnings = pairing.our_token(cfg, version)
     fingerprint = read_identity(cfg.ssh.identity).fingerprint
     for warning in warnings:
@@ -90,6 +96,7 @@ def pair(obj: Context, token_text: str, name: str | None, replace: bool, expires
     from ..verify import verification_code
 
     cfg = read_config(obj.config)
+    from .. import pairing
     result = pairing.pair(cfg, token_text, name, replace=replace, expires_at=parse_expiry(expires, ttl))
     peer, tok = result.peer, result.token
     code = verification_code(read_identity(cfg.ssh.identity).fingerprint, tok.fingerprint)
@@ -119,6 +126,7 @@ def pair(obj: Context, token_text: str, name: str | None, replace: bool, expires
 def unpair(obj: Context, name: str) -> None:
     """Revoke a peer: remove its key line and its record."""
     cfg = read_config(obj.config)
+    from .. import pairing
     result = pairing.unpair(cfg, name)
     obj.emit({"peer": result.name, "key_removed": result.key_removed, "row_removed": result.row_removed},
              f"unpaired {result.name}: its key can no longer log in here")
@@ -129,6 +137,7 @@ def unpair(obj: Context, name: str) -> None:
 def peers(obj: Context) -> None:
     """List paired peers."""
     cfg = read_config(obj.config)
+    from .. import pairing
     rows = pairing.list_peers(cfg)
 
     def human() -> None:

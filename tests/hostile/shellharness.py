@@ -229,10 +229,10 @@ class ShellHarness:
         allowed_runs: list[list[str]] = []
         shared = str(self.cfg.apps_dir / "shared")
         if request.verb == "stream-app" and request.slug == "shared":
-            from peerkit.apps import tar_command
+            from peerkit.apps import ZSTD_SEND, tar_command
             allowed_runs.append(tar_command(self.cfg.apps_dir / "shared"))
             if "--zstd" in request.flags:
-                allowed_runs.append(["zstd", "-1", "-T0", "-q", "-c"])
+                allowed_runs.append(ZSTD_SEND)
         for argv in out.spawned:
             if request.verb == "rsync" and request.rsync.sender and request.slug == "shared":
                 # Rebuilt by peer-shell: its own rsync, the checked options, "--", our absolute path.

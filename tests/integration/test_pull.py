@@ -936,6 +936,29 @@ def restore_pairing(ping_pair):
     set_peer_config(pair.client, pair.target.name, pair.saved)
 
 
+def copy_peer(inst: harness.PeerkitInstance, peer: str, new_name: str, **changes: Any) -> None:
+    """As the owner, add a copy of ``peer``'s row named ``new_name``, with config ``changes``."""
+    _owner_sql(inst, r'''
+cols = [r[1] for r in con.execute("PRAGMA table_info(peers)")]
+row = dict(zip(cols, con.execute("SELECT * FROM peers WHERE name = ?", (args[0],)).fetchone()))
+row["name"] = args[1]
+row["config_json"] = json.dumps({**json.loads(row["config_json"]), **json.loads(args[2])}, sort_keys=True)
+con.execute(f"INSERT INTO peers ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})", [row[c] for c in cols])
+''', peer, new_name, json.dumps(changes))
+
+
+def remove_peer_row(inst: harness.PeerkitInstance, name: str) -> None:
+    """As the owner, delete a peer's row (only the row: what copy_peer added)."""
+    _owner_sql(inst, 'con.execute("DELETE FROM peers WHERE name = ?", (args[0],))', name)
+
+
+def _owner_sql(inst: harness.PeerkitInstance, body: str, *args: str) -> None:
+    script = "import json, sqlite3, sys\nargs = sys.argv[2:]\ncon = sqlite3.connect(sys.argv[1])\nwith con:\n" + \
+        "".join(f"    {line}\n" for line in body.strip().splitlines())
+    proc = inst.user.run([sys.executable, "-c", script, str(inst.db_path), *args], text=True)
+    assert proc.returncode == 0, proc.stderr
+
+
 def _no_new_audit_line(pair: PingPair, before: int) -> None:
     time.sleep(0.2)  # a session that did start would have logged by now
     assert pair.audit_lines() == before, pair.target.audit_events()[before:]
@@ -1001,6 +1024,26 @@ def test_v1_token_records_the_host_key_on_first_use(restore_pairing, tmp_path):
     assert_failed(run, "host-key-mismatch")
     assert pair.status()["status"] == "host-key-mismatch"
     _no_new_audit_line(pair, before)
+
+
+def test_ping_all_answers_for_every_peer_and_records_each_status(restore_pairing):
+    pair = restore_pairing
+    peer = pair.target.name
+    # A second peer: the same row, on a port where nothing listens.
+    copy_peer(pair.client, peer, "nobody-home", port=harness.free_port())
+    try:
+        run = peerkit(pair.client, "ping", "--all")
+        assert run.returncode == 1, run.why()  # not every peer answered
+        results = {r["peer"]: r for r in run.result["peers"]}
+        assert sorted(results) == sorted([peer, "nobody-home"]), run.why()
+        assert results[peer]["ok"] is True and results[peer]["version"], run.why()
+        assert results["nobody-home"]["ok"] is False and results["nobody-home"]["error"] == "peer-unreachable"
+        assert pair.status()["status"] == "ok"
+        assert peer_row(pair.client, "nobody-home")["status"] == "unreachable"
+    finally:
+        remove_peer_row(pair.client, "nobody-home")
+    run = peerkit(pair.client, "ping", "--all")
+    assert run.returncode == 0 and [r["peer"] for r in run.result["peers"]] == [peer], run.why()
 
 
 def test_ping_statuses_ok_unreachable_refused(restore_pairing):

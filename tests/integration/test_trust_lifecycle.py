@@ -20,7 +20,6 @@ the rotations run last because they change A's and B's keys.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
 import re
 import shutil
@@ -197,7 +196,7 @@ def render_line(inst: harness.PeerkitInstance, peer_name: str, monkeypatch, *, a
         # The rendering reproduces the line pairing wrote, so an edited one differs only by the change.
         [current] = key_lines(inst, peer_name)
         assert peer_line(cfg, row) == current
-    return peer_line(cfg, dataclasses.replace(row, **changes))
+    return peer_line(cfg, row.replace(**changes))
 
 
 def replace_key_line(inst: harness.PeerkitInstance, peer_name: str, line: str) -> None:

@@ -1,0 +1,83 @@
+"""The sending side of a pull, run by peer-shell: ``stream-app`` and rsync ``--sender``.
+
+Both run the source owner's ``pre_stream`` hook first and its
+``post_stream`` hook always, even when the stream breaks.  A denied app
+answers exactly like a missing one.  Kept apart from ``receive`` (pushes),
+whose staging and install machinery a send never needs: every pull starts
+a peer-shell that imports this module, and loading the receiving side too
+cost ~30 ms per call (README, Benchmarks).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import subprocess
+from pathlib import Path
+from typing import Any, Callable
+
+from .apps import app_path, stream_app
+from .command import Request
+from .config import Config
+from .errors import HookFailed, NoSuchApp, PeerRefused, StreamFailed
+from .rsyncargs import RSYNC_PATH, rsync_binary
+from .state import Peer
+
+
+@contextlib.contextmanager
+def _stream_hooks(cfg: Config, peer: Peer, slug: str, app_dir: Path, event: dict[str, Any]):
+    """Run pre_stream before the block and post_stream after it, whatever happens."""
+
+    def run(hook: str) -> None:
+        from . import hooks  # only when a stream hook is configured (it loads dataclasses)
+
+        hooks.run_hook(hook, getattr(cfg.hooks, hook), app=slug, app_dir=app_dir, peer=peer.name,
+                       timeout=cfg.hooks.timeout)
+
+    try:
+        if cfg.hooks.pre_stream:
+            try:
+                run("pre_stream")
+            except HookFailed as exc:
+                event["hook"] = f"pre_stream failed: {exc.detail}"
+                raise StreamFailed("pre_stream hook failed") from None
+        yield
+    finally:
+        # Also after a failed pre_stream: whatever it paused must resume.
+        if cfg.hooks.post_stream:
+            try:
+                run("post_stream")
+            except HookFailed as exc:
+                # The copy went out; the source owner must hear that its
+                # app may still be paused.
+                event["hook"] = f"post_stream failed: {exc.detail}"
+
+
+def send_app(cfg: Config, peer: Peer, request: Request, stdout_fd: int, sent: Callable[[int], None],
+             event: dict[str, Any]) -> None:
+    """Serve ``stream-app``: the app's tar (or tar.zst) on stdout."""
+    assert request.slug is not None
+    # A denied app answers exactly like a missing one: no existence leak.
+    if not peer.may_see(request.slug):
+        raise NoSuchApp(f"{request.slug} is not allowed for {peer.name}")
+    app_dir = app_path(cfg.apps_dir, request.slug)
+    with _stream_hooks(cfg, peer, request.slug, app_dir, event):
+        stream_app(app_dir, stdout_fd, sent, compress="--zstd" in request.flags)
+
+
+def serve_rsync_send(cfg: Config, peer: Peer, request: Request, fds: tuple[int, int, int],
+                     event: dict[str, Any]) -> None:
+    """Serve an rsync pull: our rsync --sender on stdin/stdout, between the stream hooks."""
+    rsync_req = request.rsync
+    assert rsync_req is not None and rsync_req.sender and request.slug is not None
+    rsync = rsync_binary()
+    if rsync is None:
+        raise PeerRefused("rsync is not installed here")
+    # As for stream-app: a denied app answers exactly like a missing one.
+    if not peer.may_see(request.slug):
+        raise NoSuchApp(f"{request.slug} is not allowed for {peer.name}")
+    app_dir = app_path(cfg.apps_dir, request.slug)
+    with _stream_hooks(cfg, peer, request.slug, app_dir, event):
+        status = subprocess.run(rsync_req.server_argv(rsync, str(app_dir)), env={"PATH": RSYNC_PATH, "LC_ALL": "C"},
+                                close_fds=True, stdin=fds[0], stdout=fds[1], stderr=fds[2]).returncode
+    if status != 0:
+        raise StreamFailed(f"rsync exited {status}")

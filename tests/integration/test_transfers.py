@@ -682,7 +682,7 @@ def test_incremental_transfers_check_what_rsync_wrote(world):
 RSYNC_VECTORS = [
     (f"rsync --server --sender -Lr{CAPS} . bigapp/", "refused"),
     (f"rsync --server --sender -lHr{CAPS} -e ssh . bigapp/", "refused"),
-    (f"rsync --server -e.iLsfxCIvu -lr . bigapp/", "refused"),
+    ("rsync --server -e.iLsfxCIvu -lr . bigapp/", "refused"),
     (f"rsync --server --sender -lr{CAPS} --rsh=/bin/sh . bigapp/", "refused"),
     (f"rsync --server --sender -lr{CAPS} --files-from=/etc/passwd . bigapp/", "refused"),
     (f"rsync --server --sender -lr{CAPS} --delete . bigapp/", "refused"),

@@ -29,6 +29,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import BinaryIO
 
+from .durable import BackgroundFlush
 from .errors import PeerkitError, TransferIncomplete, UnsafeArchive
 
 __all__ = ["ExtractStats", "TarExtractor", "extract_fileobj"]
@@ -260,14 +261,19 @@ class TarExtractor:
     """Push-style tar extractor into an empty staging directory."""
 
     def __init__(self, dest: str | os.PathLike, *, max_bytes: int,
-                 preserve_owner: bool | None = None) -> None:
-        """Open dest (an existing, empty directory) and prepare to receive an archive."""
+                 preserve_owner: bool | None = None, background_flush: bool = False) -> None:
+        """Open dest (an existing, empty directory) and prepare to receive an archive.
+
+        With ``background_flush``, a ``durable.BackgroundFlush`` writes what
+        arrives to disk while the stream goes on (stopped by finish/abort).
+        """
         self._max = int(max_bytes)
         self._preserve = (os.geteuid() == 0) if preserve_owner is None else bool(preserve_owner)
         self._root = os.open(dest, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             if os.listdir(self._root):
                 raise ValueError(f"staging directory {os.fspath(dest)!r} is not empty")
+            self._flusher = BackgroundFlush(dest) if background_flush else None
         except BaseException:
             os.close(self._root)
             raise
@@ -303,6 +309,9 @@ class TarExtractor:
         except BaseException as exc:
             self._fail(exc)
             raise
+        flusher = self._flusher  # read once: abort() may clear it from another thread
+        if flusher is not None:
+            flusher.wrote(len(data))
 
     def finish(self) -> ExtractStats:
         """Verify the end of archive, apply deferred directory metadata, close fds."""
@@ -347,7 +356,10 @@ class TarExtractor:
         self._close_all()
 
     def _close_all(self) -> None:
-        """Close the open output file, cached directory fds and dest fd."""
+        """Close the open output file, cached directory fds and dest fd; stop the flush thread."""
+        if self._flusher is not None:
+            flusher, self._flusher = self._flusher, None
+            flusher.close()
         if self._out_fd >= 0:
             fd, self._out_fd = self._out_fd, -1
             _close_quietly(fd)

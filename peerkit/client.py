@@ -429,7 +429,10 @@ async def ping_all(cfg: Config, notes: Callable[[str], None] | None = None) -> l
     # peer, they cost the event loop more than the peer's own round trip.
     with PeerStore(cfg.db_path) as store:
         peers = store.all()
-        client_key = read_identity(cfg) if peers else None
+        try:
+            client_key = read_identity(cfg) if peers else None
+        except IdentityError:
+            client_key = None  # each peer's connect reports it, as for a single ping
 
         async def one(peer: Peer) -> dict[str, Any]:
             try:

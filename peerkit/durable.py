@@ -53,7 +53,7 @@ class BackgroundFlush:
     before the swap is what the swap relies on, and it reports them.
     """
 
-    def __init__(self, path: Path, step: int = FLUSH_STEP) -> None:
+    def __init__(self, path: str | os.PathLike, step: int = FLUSH_STEP) -> None:
         self._step = step
         self._pending = 0
         self.syncs = 0  # how many background syncs ran (for tests and curiosity)

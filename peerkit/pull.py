@@ -20,7 +20,6 @@ from .archive import TarExtractor, check_tree
 from .client import PeerConnection, list_apps, open_peer_with
 from .compress import ZstdFeeder, choose
 from .config import Config
-from .durable import BackgroundFlush
 from .errors import BadSlug, NoSuchApp, PeerUnreachable, TransferIncomplete, UnsafeArchive
 from .heap import keep_freed_memory
 from .install import NoteFn, ProgressFn, Receiver, Report, check_space, raise_if_disk_full, run_transfer
@@ -40,20 +39,22 @@ async def _tar_transfer(conn: PeerConnection, cfg: Config, app: str, size_kb: in
                         compressed: bool, report: Report, progress: ProgressFn | None) -> None:
     """Stream the app's tar into ``staging`` and verify it arrived whole."""
     keep_freed_memory()
-    extractor = TarExtractor(staging, max_bytes=ceiling(cfg, size_kb))
-    flusher = BackgroundFlush(staging)
+    extractor = TarExtractor(staging, max_bytes=ceiling(cfg, size_kb), background_flush=True)
     total = size_kb * 1024
     extracted = 0
 
     def extract(data: bytes) -> None:
         nonlocal extracted
         extractor.feed(data)
-        flusher.wrote(len(data))
         extracted += len(data)
         if progress is not None:
             progress("transfer", extracted, total)
 
-    feeder = ZstdFeeder(extract) if compressed else None
+    try:
+        feeder = ZstdFeeder(extract) if compressed else None
+    except BaseException:
+        extractor.abort()  # its fds and flush thread
+        raise
     command = f"stream-app {app}" + (" --zstd" if compressed else "")
     try:
         with report.stage("transfer"):
@@ -81,8 +82,6 @@ async def _tar_transfer(conn: PeerConnection, cfg: Config, app: str, size_kb: in
         extractor.abort()
         raise_if_disk_full(exc, staging.parent)
         raise
-    finally:
-        flusher.close()
 
 
 async def _rsync_transfer(cfg: Config, conn: PeerConnection, app: str, staging: Path, live: Path,

@@ -19,7 +19,6 @@ from .archive import TarExtractor, check_tree
 from .command import Request
 from .compress import ZstdFeeder
 from .config import Config
-from .durable import BackgroundFlush
 from .errors import PeerkitError, PeerRefused, TransferIncomplete
 from .install import Receiver, Report, log_transfer, raise_if_disk_full
 from .rsyncargs import RSYNC_PATH, rsync_binary
@@ -97,15 +96,13 @@ def _extract_stdin(cfg: Config, staging: Path, stdin_fd: int, compressed: bool, 
     st = os.statvfs(staging)
     # A pusher advertises nothing: the hard cap and the free space bound it.
     limit = min(cfg.max_app_bytes, st.f_bavail * st.f_frsize)
-    extractor = TarExtractor(staging, max_bytes=limit)
-    flusher = BackgroundFlush(staging)
-
-    def extract(data: bytes) -> None:
-        extractor.feed(data)
-        flusher.wrote(len(data))
-
-    feeder = ZstdFeeder(extract) if compressed else None
-    sink = feeder.feed if feeder else extract
+    extractor = TarExtractor(staging, max_bytes=limit, background_flush=True)
+    try:
+        feeder = ZstdFeeder(extractor.feed) if compressed else None
+    except BaseException:
+        extractor.abort()  # its fds and flush thread
+        raise
+    sink = feeder.feed if feeder else extractor.feed
     try:
         with report.stage("transfer"):
             while True:
@@ -127,8 +124,6 @@ def _extract_stdin(cfg: Config, staging: Path, stdin_fd: int, compressed: bool, 
         extractor.abort()
         raise_if_disk_full(exc, staging.parent)
         raise
-    finally:
-        flusher.close()
 
 
 def public_report(report: Report) -> dict[str, Any]:

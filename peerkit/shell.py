@@ -21,6 +21,7 @@ from typing import Any
 from . import __version__, audit, grammar
 from .command import Request, parse_command
 from .errors import PeerkitError, PeerRefused
+from .rsyncargs import RSYNC_PATH
 
 USAGE = "usage: peer-shell --config PATH PEER-NAME  (run by sshd as a forced command)"
 # Codes the remote side may see; anything else is reported as "refused" or
@@ -151,10 +152,10 @@ def _dispatch(cfg: Any, peer: Any, request: Request, fds: tuple[int, int, int], 
 
 def _features() -> list[str]:
     """Return what this peer-shell can do beyond the seed's verbs."""
-    # The directories rsyncargs.RSYNC_PATH and compress.ZSTD_PATH search, checked
-    # as shutil.which would (without importing shutil on every call).
+    # Where the transfers look for them (compress.ZSTD_PATH is the same list),
+    # checked as shutil.which would, without importing shutil on every call.
     found = [tool for tool in ("rsync", "zstd")
-             if any(_is_executable(f"{d}/{tool}") for d in ("/usr/local/bin", "/usr/bin", "/bin"))]
+             if any(_is_executable(f"{d}/{tool}") for d in RSYNC_PATH.split(":"))]
     return sorted(["receive-app", "replace-key", *found])
 
 

@@ -804,3 +804,31 @@ def test_fuzz_structured_member_sequences(entries: list[bytes], ending: str, see
     elif ending == "garbage":
         data = a(data) + b"\x01"
     _check_extract_safely(data, seed)
+
+
+def _flush_threads() -> int:
+    import threading
+
+    return sum(t.name == "flush" and t.is_alive() for t in threading.enumerate())
+
+
+@pytest.mark.parametrize("end", ["finish", "abort", "failure"])
+def test_background_flush_stops_with_the_extractor(tmp_path: Path, end: str) -> None:
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    before = _flush_threads()
+    ex = TarExtractor(dest, max_bytes=1 << 30, background_flush=True)
+    assert _flush_threads() == before + 1
+    data = tarcraft.archive(member("big.bin", os.urandom(64 << 10)), member("small.txt", b"x\n"))
+    ex.feed(data[:-2048])
+    if end == "finish":
+        ex.feed(data[-2048:])
+        assert ex.finish().files == 2
+        assert (dest / "big.bin").stat().st_size == 64 << 10
+    elif end == "abort":
+        ex.abort()
+    else:
+        with pytest.raises(UnsafeArchive):
+            ex.feed(member("../escape", b"x"))
+    assert _flush_threads() == before, "the flush thread outlived the extractor"
+    ex.abort()  # harmless afterwards

@@ -326,9 +326,7 @@ def test_key_line_current_after_permission_changes(env):
 def test_advertised_host_key_against_a_real_sshd(env, tmp_path, monkeypatch):
     problems = harness.missing_prerequisites()
     if problems:
-        if ci.in_ci():
-            pytest.fail("; ".join(problems))
-        pytest.skip("; ".join(problems))
+        ci.unavailable("the advertised host key check against sshd", "; ".join(problems))
     root = harness.make_root("peerkit-doctor-")
     try:
         with harness.Sshd(root / "sshd", ["nobody"]) as server:

@@ -171,3 +171,24 @@ def test_an_interrupt_during_the_flush_changes_nothing(receiver_world, monkeypat
     assert (live / "page.txt").read_text() == "old\n" and not (marks / "stopped").exists()
     assert sorted(p.name for p in cfg.apps_dir.iterdir()) == ["wiki"]
     assert [(s.name, s.outcome) for s in report.stages][-1] == ("flush", "failed")
+
+
+def test_a_decompressor_that_cannot_start_leaves_no_flush_thread_or_fd(tmp_path, monkeypatch):
+    import threading
+
+    from peerkit import compress, receive
+
+    cfg = make_instance(tmp_path / "inst", "alpha")
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    monkeypatch.setattr(compress, "zstd_binary", lambda: None)  # zstd vanished after the choice
+    fds_before = set(os.listdir("/proc/self/fd"))
+    r, w = os.pipe()
+    try:
+        with pytest.raises(Exception, match="zstd is not installed"):
+            receive._extract_stdin(cfg, staging, r, True, Report("beta", "app"), {})
+    finally:
+        os.close(r)
+        os.close(w)
+    assert not any(t.name == "flush" and t.is_alive() for t in threading.enumerate())
+    assert set(os.listdir("/proc/self/fd")) <= fds_before

@@ -95,16 +95,25 @@ def test_bool_and_float_keep_their_types(tmp_path):
 
 
 def test_read_only_directory_just_means_no_cache(tmp_path):
-    if os.geteuid() == 0:
-        pytest.skip("root writes anywhere")
     directory = tmp_path / "ro"
     directory.mkdir()
-    os.chmod(directory, 0o500)
+    config_path = directory / "config.yaml"
+    if os.geteuid() == 0:
+        # Root writes anywhere (and CI runs as root): a directory where the
+        # cache file goes makes the write fail instead.
+        yamlcache.cache_path(config_path).mkdir()
+    else:
+        os.chmod(directory, 0o500)
     try:
-        parse, _ = _counting({"x": 1})
-        assert yamlcache.load(directory / "config.yaml", "x: 1\n", parse) == {"x": 1}
+        parse, calls = _counting({"x": 1})
+        assert yamlcache.load(config_path, "x: 1\n", parse) == {"x": 1}
+        assert yamlcache.load(config_path, "x: 1\n", parse) == {"x": 1}
+        assert len(calls) == 2  # nothing was cached
     finally:
         os.chmod(directory, 0o700)
+    # No temporary file left behind either.
+    left = [".config.yaml.parsed.json"] if os.geteuid() == 0 else []
+    assert sorted(os.listdir(directory)) == left
 
 
 def test_read_config_through_the_cache_equals_a_fresh_parse(tmp_path):

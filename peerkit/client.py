@@ -14,9 +14,9 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Awaitable, Callable, TypeVar
+from typing import Any, Awaitable, Callable, Sequence, TypeVar
 
-import asyncssh
+from .sshimport import asyncssh  # before any asyncssh submodule: see sshimport
 from asyncssh.packet import PacketDecodeError
 
 from .config import Config
@@ -30,6 +30,8 @@ WINDOW = 16 << 20
 MAX_PACKET = 256 << 10
 MAX_JSON_REPLY = 4 << 20
 MAX_STDERR = 64 << 10
+# Features a peer-shell may offer that we act on (and record from its ping).
+KNOWN_FEATURES = frozenset({"receive-app", "replace-key", "rsync", "zstd"})
 # A peer that keeps the connection open but stops sending is cut off.
 IDLE_TIMEOUT = 120.0
 T = TypeVar("T")
@@ -313,6 +315,11 @@ async def ping(conn: PeerConnection) -> dict[str, Any]:
     return reply
 
 
+def known_features(conn: PeerConnection) -> list[str]:
+    """Return the peer's features worth recording: only names we act on (a peer's list is unbounded)."""
+    return sorted(conn.features & KNOWN_FEATURES)
+
+
 async def list_apps(conn: PeerConnection) -> dict[str, Any]:
     """Return the peer's app inventory (validated)."""
     from . import grammar
@@ -351,96 +358,110 @@ def get_peer(store: PeerStore, name: str) -> Peer:
 async def open_peer(cfg: Config, store: PeerStore, name: str,
                     notes: Callable[[str], None] | None = None) -> PeerConnection:
     """Connect to ``name`` and ping it, recording the outcome as its status."""
-    conn, _ = await open_peer_with(cfg, store, name, None, notes)
+    conn, _ = await open_peer_with(cfg, store, name, (), notes)
     return conn
 
 
 async def open_peer_with(cfg: Config, store: PeerStore, name: str,
-                         call: Callable[[PeerConnection], Awaitable[T]] | None,
+                         calls: Sequence[Callable[[PeerConnection], Awaitable[Any]]],
                          notes: Callable[[str], None] | None = None
-                         ) -> tuple[PeerConnection, "asyncio.Future[T] | None"]:
-    """Connect to ``name`` and ping it, with ``call(conn)`` running alongside on a second channel.
+                         ) -> tuple[PeerConnection, list["asyncio.Future[Any]"]]:
+    """Connect to ``name`` and ping it, with each of ``calls(conn)`` running alongside on its own channel.
 
-    Returns the connection and the call's future (the caller awaits it; it
-    is cancelled if the ping fails).  Only the ping's outcome is recorded
-    as the peer's status.
+    Returns the connection and one future per call (the caller awaits or
+    cancels them; all are cancelled if the ping fails).  Only the ping's
+    outcome is recorded, as the peer's status and features.
     """
     peer = get_peer(store, name)
     try:
         conn = await connect(cfg, peer, store, notes=notes)
-        pinged = asyncio.Event()
-        # Both requests go out now, the ping's first: one round trip instead of two.
-        pending = asyncio.ensure_future(_alongside(conn, call, pinged)) if call is not None else None
+        pinged, turns = asyncio.Event(), asyncio.Lock()
+        # Every request goes out now, the ping's first: one round trip instead of several.
+        pending = [asyncio.ensure_future(_alongside(conn, call, pinged, turns)) for call in calls]
         try:
             await ping(conn)
             pinged.set()
         except BaseException:
-            if pending is not None:
-                pending.cancel()
+            for future in pending:
+                future.cancel()
+            for future in pending:
                 with contextlib.suppress(BaseException):
-                    await pending
+                    await future
             await conn.close()
             raise
     except PeerkitError as exc:
         store.set_status(name, status_for(exc), seen=False)
         raise
-    store.set_status(name, "ok", seen=True)
+    store.set_status(name, "ok", seen=True, features=known_features(conn))
     return conn, pending
 
 
 async def _alongside(conn: PeerConnection, call: Callable[[PeerConnection], Awaitable[T]],
-                     pinged: asyncio.Event) -> T:
+                     pinged: asyncio.Event, turns: asyncio.Lock) -> T:
     try:
         return await call(conn)
     except SessionRefused:
-        # The peer allows one session at a time (serve.max_sessions_per_peer):
-        # take turns, after the ping.
+        # The peer allows fewer sessions at a time than we asked for
+        # (serve.max_sessions_per_peer): after the ping, refused requests
+        # go again one at a time.  The ping's session is free then, so one
+        # more always fits beside those that were not refused.
         await pinged.wait()
-        return await call(conn)
+        async with turns:
+            return await call(conn)
 
 
 async def ping_peer(cfg: Config, name: str, notes: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Ping one peer; return its name, version and the round trip time."""
     with PeerStore(cfg.db_path) as store:
-        return await _ping_recorded(cfg, store, get_peer(store, name), notes, None)
+        peer = get_peer(store, name)
+        try:
+            result, features = await _ping_once(cfg, store, peer, notes, None)
+        except PeerkitError as exc:
+            store.set_status(name, status_for(exc), seen=False)
+            raise
+        store.set_status(name, "ok", seen=True, features=features)
+        return result
 
 
-async def _ping_recorded(cfg: Config, store: PeerStore, peer: Peer, notes: Callable[[str], None] | None,
-                         client_key: asyncssh.SSHKey | None) -> dict[str, Any]:
-    """Ping ``peer`` and record the outcome as its status."""
+async def _ping_once(cfg: Config, store: PeerStore, peer: Peer, notes: Callable[[str], None] | None,
+                     client_key: asyncssh.SSHKey | None) -> tuple[dict[str, Any], list[str]]:
+    """Ping ``peer``; return the answer and the features to record (the caller records the outcome)."""
     started = time.monotonic()
-    try:
-        conn = await connect(cfg, peer, store, notes=notes, client_key=client_key)
-        async with conn:
-            t0 = time.monotonic()
-            reply = await ping(conn)
-            rtt = time.monotonic() - t0
-    except PeerkitError as exc:
-        store.set_status(peer.name, status_for(exc), seen=False)
-        raise
-    store.set_status(peer.name, "ok", seen=True)
-    return {"peer": peer.name, "remote_name": reply.get("peer"), "version": reply.get("version"),
-            "rtt_ms": round(rtt * 1000, 1), "total_ms": round((time.monotonic() - started) * 1000, 1)}
+    conn = await connect(cfg, peer, store, notes=notes, client_key=client_key)
+    async with conn:
+        t0 = time.monotonic()
+        reply = await ping(conn)
+        rtt = time.monotonic() - t0
+    return ({"peer": peer.name, "remote_name": reply.get("peer"), "version": reply.get("version"),
+             "rtt_ms": round(rtt * 1000, 1), "total_ms": round((time.monotonic() - started) * 1000, 1)},
+            known_features(conn))
 
 
 async def ping_all(cfg: Config, notes: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
     """Ping every peer concurrently; return one result per peer (never raises for one peer)."""
-    # One database connection and one read of our key for all of them: per
-    # peer, they cost the event loop more than the peer's own round trip.
+    # One database connection, one read of our key and one transaction for
+    # all of them: per peer, they cost the event loop more than the peer's
+    # own round trip.  (Interrupted, it records no status at all.)
     with PeerStore(cfg.db_path) as store:
         peers = store.all()
         try:
             client_key = read_identity(cfg) if peers else None
         except IdentityError:
             client_key = None  # each peer's connect reports it, as for a single ping
+        outcomes: list[tuple[str, str, bool, list[str] | None]] = []
 
         async def one(peer: Peer) -> dict[str, Any]:
             try:
-                return {"ok": True, **await _ping_recorded(cfg, store, peer, notes, client_key)}
+                result, features = await _ping_once(cfg, store, peer, notes, client_key)
             except PeerkitError as exc:
+                outcomes.append((peer.name, status_for(exc), False, None))
                 return {"ok": False, "peer": peer.name, "error": exc.code, "message": exc.message}
+            outcomes.append((peer.name, "ok", True, features))
+            return {"ok": True, **result}
 
-        return list(await asyncio.gather(*(one(p) for p in peers)))
+        results = list(await asyncio.gather(*(one(p) for p in peers)))
+        store.set_statuses(outcomes)
+        return results
 
 
 async def peer_apps(cfg: Config, name: str, notes: Callable[[str], None] | None = None) -> dict[str, Any]:

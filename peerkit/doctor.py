@@ -217,7 +217,7 @@ def check_consistency(cfg: Config) -> list[Finding]:
 
 async def check_host_key(cfg: Config, advertised: list[str]) -> Finding:
     """The host key our token advertises must be the one the sshd at ssh.host:ssh.port presents."""
-    import asyncssh
+    from .sshimport import asyncssh
 
     host, port = cfg.ssh.host, cfg.ssh.port
     try:

@@ -40,7 +40,7 @@ def ensure_identity(identity: Path, comment: str) -> tuple[PublicKey, bool]:
     if identity.exists() or pub.exists():
         raise IdentityError(
             f"only one half of the key pair exists at {identity}; move it away or restore the other half")
-    import asyncssh  # only key generation needs it; keep it off every other path
+    from .sshimport import asyncssh  # only key generation needs it; keep it off every other path
 
     identity.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     os.chmod(identity.parent, 0o700)

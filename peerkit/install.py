@@ -252,7 +252,9 @@ class Receiver:
                 self.report.backup = backup(self.cfg, self.app, self.live, tag)
 
     def new_staging(self) -> Path:
-        """Create the empty directory the transfer lands in."""
+        """Create the empty directory the transfer lands in (removing one made before)."""
+        if self.staging is not None and os.path.lexists(self.staging):
+            remove_tree(self.staging)
         self.staging = new_staging(self.cfg.apps_dir, self.app)
         return self.staging
 

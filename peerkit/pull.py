@@ -5,15 +5,20 @@
 
 The transfer is the peer's tar stream (optionally zstd-compressed) extracted
 as it arrives, or with ``--incremental`` an rsync into staging seeded by hard
-links of the live app.  Everything from the lock on is ``install.Receiver``,
+links of the live app.  When the peer offered rsync at its last ping, that
+rsync starts with the ping instead of after the backup (it writes only
+staging; a failed check cancels it).  Everything from the lock on is ``install.Receiver``,
 shared with push.  Interrupting before the swap removes the staging copy and
 leaves the local app as it was.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
 from pathlib import Path
+from typing import Any, Awaitable, Callable
 
 from . import grammar
 from .archive import TarExtractor, check_tree
@@ -85,12 +90,18 @@ async def _tar_transfer(conn: PeerConnection, cfg: Config, app: str, size_kb: in
 
 
 async def _rsync_transfer(cfg: Config, conn: PeerConnection, app: str, staging: Path, live: Path,
-                          report: Report) -> None:
-    """rsync the app into ``staging`` (hard links for what did not change), then check the tree."""
+                          report: Report, early: "asyncio.Future[int] | None") -> None:
+    """rsync the app into ``staging`` (hard links for what did not change), then check the tree.
+
+    ``early`` is that rsync already started alongside the ping.
+    """
     from .rsync import run_client
 
     with report.stage("transfer"):
-        report.bytes = await run_client(conn, app, staging, live if live.is_dir() else None)
+        if early is not None:
+            report.bytes = await early
+        else:
+            report.bytes = await run_client(conn, app, staging, live if live.is_dir() else None)
     with report.stage("verify"):
         # rsync applied its own rules; ours are stricter (no escaping
         # symlinks, no special files, no setuid), so check what it wrote.
@@ -98,6 +109,15 @@ async def _rsync_transfer(cfg: Config, conn: PeerConnection, app: str, staging: 
             report.files = check_tree(staging).files
         except OSError as exc:
             raise UnsafeArchive(f"cannot check the received tree: {exc}") from None
+
+
+def _early_rsync(store: PeerStore, peer_name: str, incremental: bool) -> bool:
+    """Tell whether to start an incremental pull's rsync with the ping: the peer offered rsync last time."""
+    from .rsync import rsync_binary
+
+    peer = store.get(peer_name)
+    features = peer.config.get("features") if peer is not None else None
+    return incremental and isinstance(features, list) and "rsync" in features and rsync_binary() is not None
 
 
 def _transfer_mode(cfg: Config, conn: PeerConnection, incremental: bool, compress: str,
@@ -143,35 +163,62 @@ async def _pull(cfg: Config, peer_name: str, app: str, pre_backup: bool, keep_ur
     if not grammar.is_slug(app):
         raise BadSlug(repr(app[:80]))
     with Receiver(cfg, app, peer_name, report) as receiver:
+        calls: list[Callable[[PeerConnection], Awaitable[Any]]] = [list_apps]
         with PeerStore(cfg.db_path) as store, report.stage("ping"):
+            if _early_rsync(store, peer_name, incremental):
+                # The peer offered rsync at its last ping: start the rsync
+                # with the ping and list-apps instead of after them.  It
+                # only writes staging, and the checks below still come
+                # first: their failures cancel it, and what it wrote goes.
+                from .rsync import run_client
+
+                staging = receiver.new_staging()
+                live = receiver.live if receiver.live.is_dir() else None
+                calls.append(lambda conn: run_client(conn, app, staging, live))
+                report.notes.append("rsync started alongside the ping (the peer offered it last time)")
             # list-apps goes out with the ping, on a second channel; its
             # answer is taken (and its failures reported) in "inventory".
-            conn, listing = await open_peer_with(cfg, store, peer_name, list_apps, note)
+            conn, (listing, *started_early) = await open_peer_with(cfg, store, peer_name, calls, note)
+        early = started_early[0] if started_early else None
         async with conn:
-            with report.stage("inventory"):
-                try:
+            try:
+                with report.stage("inventory"):
                     inventory = await listing
-                finally:
-                    listing.cancel()
-                entry = next((a for a in inventory["apps"] if a["slug"] == app), None)
-                if entry is None:
-                    raise NoSuchApp(f"{peer_name} has no app {app}")
-                check_space(cfg.apps_dir, entry["size_kb"] * 1024)
-            receiver.backup(pre_backup, "--no-pre-backup", "pre-pull")
-            use_rsync, compressed = _transfer_mode(cfg, conn, incremental, compress, report, note)
-            staging = receiver.new_staging()
-            started = time.monotonic()
-            if use_rsync:
-                await _rsync_transfer(cfg, conn, app, staging, receiver.live, report)
-            else:
-                await _tar_transfer(conn, cfg, app, entry["size_kb"], staging, compressed, report,
-                                    progress)
-            _remember_rate(cfg, peer_name, report.bytes, time.monotonic() - started, use_rsync)
+                    entry = next((a for a in inventory["apps"] if a["slug"] == app), None)
+                    if entry is None:
+                        raise NoSuchApp(f"{peer_name} has no app {app}")
+                    check_space(cfg.apps_dir, entry["size_kb"] * 1024)
+                receiver.backup(pre_backup, "--no-pre-backup", "pre-pull")
+                use_rsync, compressed = _transfer_mode(cfg, conn, incremental, compress, report, note)
+                if early is not None and not use_rsync:
+                    # The peer no longer offers rsync (its ping said so): a tar transfer instead.
+                    await _cancel(early)
+                    early = None
+                if early is None:
+                    staging = receiver.new_staging()
+                started = time.monotonic()
+                if use_rsync:
+                    await _rsync_transfer(cfg, conn, app, staging, receiver.live, report, early)
+                else:
+                    await _tar_transfer(conn, cfg, app, entry["size_kb"], staging, compressed, report,
+                                        progress)
+                _remember_rate(cfg, peer_name, report.bytes, time.monotonic() - started, use_rsync)
+            finally:
+                for future in (listing, early):
+                    if future is not None:
+                        await _cancel(future)
         await receiver.flush()
         # commit() runs without yielding to the loop, so the SIGTERM handler
         # run_transfer installed cannot cancel it; it only keeps SIGTERM from
         # its default action (death) until commit holds signals itself.
         receiver.commit(inventory["domain"], keep_urls)
+
+
+async def _cancel(future: "asyncio.Future[Any]") -> None:
+    """Stop a request that runs alongside (a no-op once it ended); its outcome no longer matters."""
+    future.cancel()
+    with contextlib.suppress(BaseException):
+        await future
 
 
 def _remember_rate(cfg: Config, peer_name: str, wire_bytes: int, seconds: float, rsync: bool) -> None:

@@ -13,7 +13,7 @@ import os
 import subprocess
 from typing import Any
 
-import asyncssh
+from .sshimport import asyncssh
 
 from . import grammar
 from .apps import ZSTD_SEND, archive_size, tar_command

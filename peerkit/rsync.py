@@ -26,10 +26,10 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-import asyncssh
+from .sshimport import asyncssh
 
 from .client import MAX_PACKET, MAX_STDERR, WINDOW, PeerConnection, StreamResult, raise_remote, remote_error
-from .errors import PeerkitError, TransferIncomplete
+from .errors import PeerkitError, SessionRefused, TransferIncomplete
 from .rsyncargs import RSYNC_PATH, parse_rsync, rsync_binary
 
 RELAY = Path(__file__).with_name("rsyncrelay.py")
@@ -132,6 +132,9 @@ async def _carry(conn: PeerConnection, sock: socket.socket, app: str, pull: bool
         while data := await proc.stderr.read(1 << 16):
             err += data[:MAX_STDERR - len(err)]
         result = await proc.wait()
+    except asyncssh.ChannelOpenError as exc:
+        # Refused a session (serve.max_sessions_per_peer, say): nothing ran yet.
+        raise SessionRefused(f"{conn.peer.name}: no session for rsync: {exc}") from None
     except (asyncssh.Error, OSError) as exc:
         raise TransferIncomplete(f"{conn.peer.name}: connection lost during rsync: {exc}") from None
     finally:
@@ -202,6 +205,9 @@ async def _run(conn: PeerConnection, app: str, pull: bool,
             carry.cancel()
             with contextlib.suppress(BaseException):
                 await carry
+        # A relay still waiting for its status holds rsync's stderr, and
+        # waiting for rsync waits for that pipe too: end the relay first.
+        ours.close()
         if proc is not None and proc.returncode is None:
             proc.kill()
             await proc.wait()

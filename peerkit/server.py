@@ -25,14 +25,13 @@ import ipaddress
 import os
 import shlex
 import socket
-import threading
 import time
 from collections import defaultdict, deque
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Callable
 
-import asyncssh
+from .sshimport import asyncssh
 
 from . import audit, authkeys
 from .config import Config

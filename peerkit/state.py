@@ -205,11 +205,21 @@ class PeerStore:
         with self.db:
             return self.db.execute("DELETE FROM peers WHERE name = ?", (name,)).rowcount > 0
 
-    def set_status(self, name: str, status: str, *, seen: bool) -> None:
-        """Record the outcome of talking to a peer."""
+    def set_status(self, name: str, status: str, *, seen: bool, features: list[str] | None = None) -> None:
+        """Record the outcome of talking to a peer (and the features its ping offered)."""
+        self.set_statuses([(name, status, seen, features)])
+
+    def set_statuses(self, outcomes: list[tuple[str, str, bool, list[str] | None]]) -> None:
+        """Record several ``(name, status, seen, features)`` outcomes in one transaction."""
+        stamp = now()
         with self.db:
-            if seen:
-                self.db.execute("UPDATE peers SET status = ?, last_seen = ? WHERE name = ?",
-                                (status, now(), name))
-            else:
-                self.db.execute("UPDATE peers SET status = ? WHERE name = ?", (status, name))
+            for name, status, seen, features in outcomes:
+                if seen:
+                    self.db.execute("UPDATE peers SET status = ?, last_seen = ? WHERE name = ?",
+                                    (status, stamp, name))
+                else:
+                    self.db.execute("UPDATE peers SET status = ? WHERE name = ?", (status, name))
+                if features is not None:
+                    # One statement: a concurrent change to the rest of the config is kept.
+                    self.db.execute("UPDATE peers SET config_json = json_set(config_json, '$.features', "
+                                    "json(?)) WHERE name = ?", (json.dumps(features), name))

@@ -15,8 +15,9 @@ import sys
 
 import pytest
 
-from peerkit.errors import PeerkitError
-from peerkit.rsync import HOST, RELAY, _relay_request, checked_command, client_argv, relay_command
+from peerkit.errors import PeerkitError, SessionRefused
+from peerkit.rsync import HOST, RELAY, _relay_request, checked_command, client_argv, relay_command, run_client
+from peerkit.rsyncargs import rsync_binary
 
 CAPS = "e.iLsfxCIvu"
 PULL = ["rsync", "--server", "--sender", f"-lHogtpr{CAPS}", "--numeric-ids", ".", "app/"]
@@ -99,3 +100,64 @@ def test_relay_without_an_answer_exits_255_like_ssh():
     ours.close()
     assert proc.wait(10) == 255
     os.close(to_stdin)
+
+
+class _FakeConnection:
+    """A connection whose channels are refused, or never open (``hang``)."""
+
+    class _Peer:
+        name = "peer-x"
+
+    def __init__(self, hang: bool = False) -> None:
+        import asyncssh
+
+        self.peer = self._Peer()
+        self.opened = asyncio.Event()
+
+        async def create_process(*_a, **_k):
+            self.opened.set()
+            if hang:
+                await asyncio.Event().wait()
+            raise asyncssh.ChannelOpenError(asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED, "session limit")
+
+        self.conn = type("Conn", (), {"create_process": staticmethod(create_process)})()
+
+
+def _relays() -> list[str]:
+    out = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True, check=True).stdout
+    return [line for line in out.splitlines() if str(RELAY) in line and not line.startswith("ps ")]
+
+
+needs_rsync = pytest.mark.skipif(rsync_binary() is None, reason="rsync is not installed")
+
+
+@needs_rsync
+def test_a_refused_channel_is_session_refused_and_leaves_no_rsync_or_relay(tmp_path):
+    conn = _FakeConnection()
+    before = _relays()
+
+    async def run() -> None:
+        await asyncio.wait_for(run_client(conn, "app", tmp_path / "staging", None), 30)
+
+    with pytest.raises(SessionRefused):
+        asyncio.run(run())
+    assert conn.opened.is_set() and _relays() == before
+
+
+@needs_rsync
+def test_cancelling_mid_request_ends_rsync_and_its_relay_instead_of_waiting_for_them(tmp_path):
+    # rsync killed mid-run leaves its relay waiting for a status, holding
+    # rsync's stderr; waiting for rsync (which waits for that pipe) must not
+    # wait for the relay.
+    conn = _FakeConnection(hang=True)
+    before = _relays()
+
+    async def run() -> None:
+        task = asyncio.ensure_future(run_client(conn, "app", tmp_path / "staging", None))
+        await asyncio.wait_for(conn.opened.wait(), 30)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(task, 30)
+
+    asyncio.run(run())
+    assert _relays() == before

@@ -110,6 +110,39 @@ def test_set_status(db):
         assert [p.name for p in store.all()] == ["beta"]
 
 
+def test_set_status_records_features_and_keeps_the_rest_of_the_config(db):
+    with PeerStore(db) as store:
+        store.put(Peer("beta", config={"host": "h", "port": 22, "features": ["old"]}))
+        # Another process changes the config meanwhile: one statement, nothing of it lost.
+        with PeerStore(db) as other:
+            peer = other.get("beta")
+            peer.config["host_key"] = "ssh-ed25519 AAAA"
+            other.put(peer)
+        store.set_status("beta", "ok", seen=True, features=["rsync", "zstd"])
+        assert store.get("beta").config == {"host": "h", "port": 22, "host_key": "ssh-ed25519 AAAA",
+                                             "features": ["rsync", "zstd"]}
+        store.set_status("beta", "ok", seen=True, features=[])
+        assert store.get("beta").config["features"] == []
+        store.set_status("beta", "unreachable", seen=False)  # no features: left as they were
+        assert store.get("beta").config["features"] == []
+        store.set_status("nobody", "ok", seen=True, features=["rsync"])
+        assert [p.name for p in store.all()] == ["beta"]
+
+
+def test_set_statuses_records_every_outcome_in_one_transaction(db):
+    with PeerStore(db) as store:
+        for name in ("a", "b", "c"):
+            store.put(Peer(name))
+        changes: list[int] = []
+        store.db.set_trace_callback(lambda sql: changes.append(1) if sql.startswith("COMMIT") else None)
+        store.set_statuses([("a", "ok", True, ["rsync"]), ("b", "unreachable", False, None),
+                            ("gone", "ok", True, ["zstd"]), ("c", "refused", False, None)])
+        assert len(changes) == 1
+        got = {p.name: (p.status, p.last_seen is not None, p.config.get("features")) for p in store.all()}
+        assert got == {"a": ("ok", True, ["rsync"]), "b": ("unreachable", False, None),
+                       "c": ("refused", False, None)}
+
+
 def test_to_json_flattens_config():
     peer = Peer("beta", config={"host": "h", "port": 2}, created_at="t")
     assert peer.to_json() == {"name": "beta", "kind": KIND_DIRECT, "host": "h", "port": 2, "status": "new",

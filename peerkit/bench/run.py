@@ -424,6 +424,9 @@ def _mutator(app: Path):
         target = app / "d00" / "f00000.bin"
         with open(target, "r+b") as fh:
             fh.write(random.Random(SEED * 7 + counter[0]).randbytes(MiB))
+        # The pull's flush (syncfs) would otherwise also write what the
+        # harness and the previous run left dirty, which the baseline never does.
+        settle_disk()
     return change
 
 

@@ -33,7 +33,7 @@ Examples:
 @click.option("--all", "everyone", is_flag=True, help="Ping every paired peer concurrently.")
 @common_options
 def ping(obj: Context, peer: str | None, everyone: bool) -> int:
-    """Check that PEER answers, and record its status and last-seen time."""
+    """Check that PEER answers; record its status, last-seen time and the features it offers."""
     if bool(peer) == everyone:
         raise click.UsageError("name one PEER or use --all")
     from .. import client  # asyncssh is heavy: only commands that connect load it

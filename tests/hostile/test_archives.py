@@ -121,8 +121,8 @@ def test_crafted_stream_in_process(site, monkeypatch, case):
     data = archives.CASES[case]()
     conn = FakeConnection(data, seed=zlib.crc32(case.encode()))
 
-    async def open_peer_with(_cfg, _store, _name, call, *_a, **_k):
-        return conn, asyncio.ensure_future(call(conn))
+    async def open_peer_with(_cfg, _store, _name, calls, *_a, **_k):
+        return conn, [asyncio.ensure_future(call(conn)) for call in calls]
 
     async def list_apps(_conn):
         return {"peer": "src", "apps": [{"slug": APP, "size_kb": max(1, len(data) // 1024)}], "domain": None}

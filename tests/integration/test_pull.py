@@ -938,7 +938,7 @@ def restore_pairing(ping_pair):
 
 def copy_peer(inst: harness.PeerkitInstance, peer: str, new_name: str, **changes: Any) -> None:
     """As the owner, add a copy of ``peer``'s row named ``new_name``, with config ``changes``."""
-    _owner_sql(inst, r'''
+    inst.owner_sql(r'''
 cols = [r[1] for r in con.execute("PRAGMA table_info(peers)")]
 row = dict(zip(cols, con.execute("SELECT * FROM peers WHERE name = ?", (args[0],)).fetchone()))
 row["name"] = args[1]
@@ -949,14 +949,7 @@ con.execute(f"INSERT INTO peers ({', '.join(cols)}) VALUES ({', '.join('?' * len
 
 def remove_peer_row(inst: harness.PeerkitInstance, name: str) -> None:
     """As the owner, delete a peer's row (only the row: what copy_peer added)."""
-    _owner_sql(inst, 'con.execute("DELETE FROM peers WHERE name = ?", (args[0],))', name)
-
-
-def _owner_sql(inst: harness.PeerkitInstance, body: str, *args: str) -> None:
-    script = "import json, sqlite3, sys\nargs = sys.argv[2:]\ncon = sqlite3.connect(sys.argv[1])\nwith con:\n" + \
-        "".join(f"    {line}\n" for line in body.strip().splitlines())
-    proc = inst.user.run([sys.executable, "-c", script, str(inst.db_path), *args], text=True)
-    assert proc.returncode == 0, proc.stderr
+    inst.owner_sql('con.execute("DELETE FROM peers WHERE name = ?", (args[0],))', name)
 
 
 def _no_new_audit_line(pair: PingPair, before: int) -> None:

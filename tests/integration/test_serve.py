@@ -401,6 +401,33 @@ def test_pull_takes_turns_with_a_server_that_allows_one_session(world, configure
     shutil.rmtree(c.apps_dir / "slow")
 
 
+@pytest.mark.parametrize("allowed", [1, 2])
+def test_an_incremental_pull_takes_turns_too(world, configure, allowed):
+    """With rsync recorded, an incremental pull asks ping, list-apps and rsync at once; refused ones go again."""
+    if shutil.which("rsync", path="/usr/local/bin:/usr/bin:/bin") is None:
+        pytest.fail("rsync is not installed", pytrace=False)
+    configure(serve={"max_sessions_per_peer": allowed})
+    c = world.c
+    env = c.user.env(extra_path=[c.bin_dir])
+    # A ping records S's features (rsync among them), so the pull starts rsync with its ping.
+    c.user.run([str(c.peerkit), "ping", "site-s"], env=env, check=True)
+    before = len(world.s.audit_events())
+    out = c.user.run([str(c.peerkit), "pull", "site-s", "slow", "--incremental", "--json", "--no-pre-backup"],
+                     env=env, check=False)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert out.returncode == 0 and result["ok"] is True, (out.stdout, out.stderr)
+    assert any("alongside the ping" in n for n in result["notes"]), result["notes"]
+    assert (c.apps_dir / "slow" / "README").read_bytes() == b"slow\n" * 100
+    refused = [(e["verb"], e["outcome"]) for e in world.serve_events(before)]
+    # Up to three sessions at once (rsync's channel opens once its relay is up,
+    # maybe after the ping): with one allowed, list-apps at least was refused.
+    assert set(refused) <= {("session", "refused")} and (allowed == 2 or refused), refused
+    assert len(refused) <= 3 - allowed, refused
+    verbs = [e["verb"] for e in world.shell_events(before)]
+    assert sorted(verbs) == ["list-apps", "ping", "rsync"], verbs
+    shutil.rmtree(c.apps_dir / "slow")
+
+
 def test_sessions_per_peer_cap_counts_channels_before_their_command(world, configure):
     """Opening the channels first and sending the commands afterwards must not get past the cap."""
     import paramiko

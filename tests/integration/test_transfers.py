@@ -592,6 +592,9 @@ def test_incremental_pull_moves_only_what_changed(world):
     result = assert_ok(run)
     assert not any("falling back" in n for n in result["notes"]), result["notes"]
     assert "falling back" not in run.stderr
+    # The full pull's ping recorded that A offers rsync: it started with this pull's ping.
+    assert "rsync" in recorded_features(b, a.name)
+    assert any("alongside the ping" in n for n in result["notes"]), result["notes"]
     assert 512 << 10 < result["bytes"] < 5 << 20, result["bytes"]
     assert same_tree(source, a.user, live, b.user) == []
     assert not (live / deleted).exists() and (live / added).is_file()
@@ -610,6 +613,29 @@ def test_incremental_pull_moves_only_what_changed(world):
 
 
 # -- e. incremental push --------------------------------------------------------------------
+
+def test_an_incremental_pull_of_a_missing_app_stops_the_rsync_started_with_the_ping(world):
+    a, b = world.a, world.b
+    ping = peerkit(b, "ping", a.name)
+    assert ping.returncode == 0, ping.why()
+    assert "rsync" in recorded_features(b, a.name)
+    mark = len(a.audit_events())
+    run = peerkit(b, "pull", a.name, "noapp", "--incremental")
+    assert_failed(run, "no-such-app")
+    assert any("alongside the ping" in n for n in run.result["notes"]), run.result
+    assert leftovers(b) == [] and not (b.apps_dir / "noapp").exists()
+    assert harness.wait_until(lambda: not _processes_of(b.user, "rsync"), 10, 0.05), _processes_of(b.user, "rsync")
+    # If the rsync reached A before it was stopped, A refused it: it has no such app.
+    events = [e for e in audit_tail(a, mark) if e.get("verb") == "rsync"]
+    assert all(e["outcome"] == "no-such-app" for e in events), [(e["outcome"], e.get("reason")) for e in events]
+
+
+def recorded_features(inst: harness.PeerkitInstance, peer: str) -> list[str]:
+    """The features ``inst`` recorded from ``peer``'s last ping (as `peerkit peers` shows them)."""
+    _, result = inst.cli("peers")
+    [entry] = [p for p in result["peers"] if p["name"] == peer]
+    return entry.get("features", [])
+
 
 def test_incremental_push_moves_only_what_changed(world):
     a, b = world.a, world.b
@@ -778,13 +804,29 @@ def test_incremental_falls_back_when_the_peer_has_no_rsync(world):
                                               "link": ("link", "data/x.bin")}, a.user)
     ping = peerkit(c, "ping", a.name)
     assert ping.returncode == 0, ping.why()
+    assert "rsync" not in recorded_features(c, a.name)
     run = peerkit(c, "pull", a.name, "fbapp", "--incremental")
     result = assert_ok(run)
     text = f"rsync is not available on {a.name}: falling back to a full transfer"
     assert f"note: {text}" in run.stderr, run.stderr
     assert text in result["notes"]
+    assert not any("alongside the ping" in n for n in result["notes"]), result["notes"]
     assert same_tree(source, a.user, c.apps_dir / "fbapp", c.user) == []
     assert leftovers(c) == []
+
+    # A peer that offered rsync last time and no longer does: the rsync
+    # started with the ping is dropped, with what it wrote, for a tar transfer.
+    c.owner_sql("con.execute(\"UPDATE peers SET config_json = json_set(config_json, '$.features', json(?)) "
+                "WHERE name = ?\", (args[1], args[0]))", a.name, '["rsync"]')
+    assert recorded_features(c, a.name) == ["rsync"]
+    (a.apps_dir / "fbapp" / "VERSION").write_bytes(b"2\n")
+    run = peerkit(c, "pull", a.name, "fbapp", "--incremental")
+    result = assert_ok(run)
+    assert any("alongside the ping" in n for n in result["notes"]) and text in result["notes"], result["notes"]
+    assert [s["name"] for s in result["stages"]].count("transfer") == 1, result["stages"]
+    assert same_tree(source, a.user, c.apps_dir / "fbapp", c.user) == []
+    assert leftovers(c) == [] and not _processes_of(c.user, "rsync")
+    assert "rsync" not in recorded_features(c, a.name)
 
     # Pushing incrementally falls back the same way.
     peerkit(a, "allow", c.name, "--push")

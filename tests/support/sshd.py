@@ -687,6 +687,14 @@ class PeerkitInstance:
     def db_path(self) -> Path:
         return self.state_dir / "peers.db"
 
+    def owner_sql(self, body: str, *args: str) -> None:
+        """As the owner, run ``body`` (Python using ``con`` and ``args``) in one transaction on the peer database."""
+        script = "import json, sqlite3, sys\nargs = sys.argv[2:]\ncon = sqlite3.connect(sys.argv[1])\nwith con:\n" + \
+            "".join(f"    {line}\n" for line in body.strip().splitlines())
+        proc = self.user.run([sys.executable, "-c", script, str(self.db_path), *args], text=True)
+        if proc.returncode != 0:
+            raise HarnessError(f"SQL as {self.user.name} failed: {proc.stderr[-500:]}")
+
     # -- the CLI -----------------------------------------------------------
 
     def cli(self, *args: str, check: bool = True) -> tuple[subprocess.CompletedProcess, dict | None]:

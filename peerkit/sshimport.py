@@ -1,0 +1,107 @@
+"""Import asyncssh without the subprocesses its library lookups start.
+
+At import, asyncssh looks for liboqs (post-quantum sntrup761 key exchange)
+and nettle (UMAC) with ``ctypes.util.find_library``.  On Linux each lookup
+runs ``ldconfig -p``, and one that finds nothing then runs ``gcc`` and
+``ld`` where they are installed: about 30 ms of every client command (ping,
+pull, push) on a host with a compiler, mostly spent looking for liboqs,
+which few hosts have.
+
+While asyncssh is being imported, and only then, library lookups look
+where the dynamic loader would: LD_LIBRARY_PATH, the directories
+ld.so.conf lists, and the default ones.  A host with liboqs or nettle in
+any of them keeps what asyncssh builds on them; after the import,
+``ctypes.util.find_library`` is ctypes' own again.  Modules that use
+asyncssh import it from here (``from .sshimport import asyncssh``).
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import sys
+
+_LD_CONF = "/etc/ld.so.conf"
+_DEFAULT_DIRS = ("/lib", "/usr/lib", "/lib64", "/usr/lib64", "/usr/local/lib")
+
+
+def _conf_dirs(path: str, depth: int = 0) -> list[str]:
+    """Return the directories an ld.so.conf file lists, following its includes."""
+    dirs: list[str] = []
+    try:
+        with open(path, encoding="utf-8", errors="replace") as fh:
+            lines = fh.read().splitlines()
+    except OSError:
+        return dirs
+    for line in lines:
+        line = line.split("#", 1)[0].strip()
+        if line.startswith("include") and depth < 4:
+            pattern = line[len("include"):].strip()
+            if not os.path.isabs(pattern):
+                pattern = os.path.join(os.path.dirname(path), pattern)
+            for inc in sorted(glob.glob(pattern)):
+                dirs += _conf_dirs(inc, depth + 1)
+        elif line.startswith("/"):
+            dirs.append(line)
+    return dirs
+
+
+def library_dirs() -> list[str]:
+    """Return where the dynamic loader looks for a library, in its order."""
+    env = [d for d in os.environ.get("LD_LIBRARY_PATH", "").split(":") if d]
+    multiarch = getattr(sys.implementation, "_multiarch", "")
+    arch = [f"/lib/{multiarch}", f"/usr/lib/{multiarch}"] if multiarch else []
+    seen: list[str] = []
+    for d in env + _conf_dirs(_LD_CONF) + arch + list(_DEFAULT_DIRS):
+        if d not in seen:
+            seen.append(d)
+    return seen
+
+
+def elf_abi(path: str) -> bytes | None:
+    """Return an ELF file's class, byte order and machine (None if it is not ELF)."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(20)
+    except OSError:
+        return None
+    if len(head) < 20 or head[:4] != b"\x7fELF":
+        return None
+    return head[4:6] + head[18:20]
+
+
+def find_library(name: str) -> str | None:
+    """Return the path of lib``name``.so (or a versioned one) where the loader would find it.
+
+    Only a library this interpreter can load counts: asyncssh loads what it
+    is given without a fallback, so a linker script (``libc.so`` is one) or
+    another architecture's library would break its import.
+    """
+    stem = glob.escape(name if name.startswith("lib") else "lib" + name)
+    own = elf_abi("/proc/self/exe") or elf_abi(sys.executable)
+    for d in library_dirs():
+        base = os.path.join(glob.escape(d), stem)
+        for path in glob.glob(base + ".so") + sorted(glob.glob(base + ".so.[0-9]*")):
+            if own is not None and elf_abi(path) == own:
+                return path
+    return None
+
+
+def _import() -> None:
+    if "asyncssh" in sys.modules:
+        return
+    import ctypes.util
+    import importlib
+
+    original = ctypes.util.find_library
+    ctypes.util.find_library = find_library
+    try:
+        importlib.import_module("asyncssh")
+    finally:
+        ctypes.util.find_library = original
+
+
+_import()
+import asyncssh  # noqa: E402 - after _import() set it up
+
+__all__ = ["asyncssh", "elf_abi", "find_library", "library_dirs"]

@@ -1,0 +1,88 @@
+"""The client's logic that needs no network (the connections themselves: tests/integration).
+
+Requests sent alongside the ping: a peer's serve.max_sessions_per_peer may
+refuse the sessions a pull opens at once (ping, list-apps, rsync); refused
+ones go again after the ping, one at a time.  The real server and pull are
+in tests/integration/test_serve.py; here the order is pinned down exactly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from peerkit.client import PeerConnection, _alongside, known_features
+from peerkit.errors import SessionRefused
+
+
+class Peer:
+    """Refuses each named request's first ``refusals[name]`` tries; records who ran when."""
+
+    def __init__(self, refusals: dict[str, int]) -> None:
+        self.refusals = dict(refusals)
+        self.running = 0
+        self.most_at_once = 0
+        self.log: list[str] = []
+
+    def call(self, name: str):
+        async def run(_conn: object) -> str:
+            if self.refusals.get(name, 0) > 0:
+                self.refusals[name] -= 1
+                self.log.append(f"{name} refused")
+                raise SessionRefused(name)
+            self.running += 1
+            self.most_at_once = max(self.most_at_once, self.running)
+            self.log.append(f"{name} runs")
+            await asyncio.sleep(0.01)
+            self.running -= 1
+            return name
+        return run
+
+
+def test_refused_requests_wait_for_the_ping_then_take_turns():
+    peer = Peer({"list-apps": 1, "rsync": 1})
+
+    async def scenario() -> list[str]:
+        pinged, turns = asyncio.Event(), asyncio.Lock()
+        futures = [asyncio.ensure_future(_alongside(None, peer.call(n), pinged, turns)) for n in ("list-apps", "rsync")]
+        await asyncio.sleep(0.05)
+        # Both refused, and neither tries again before the ping is done.
+        assert peer.log == ["list-apps refused", "rsync refused"] and not any(f.done() for f in futures)
+        pinged.set()
+        return list(await asyncio.gather(*futures))
+
+    assert asyncio.run(scenario()) == ["list-apps", "rsync"]
+    assert peer.most_at_once == 1
+    assert peer.log[2:] == ["list-apps runs", "rsync runs"]
+
+
+def test_a_request_not_refused_runs_at_once():
+    peer = Peer({})
+
+    async def scenario() -> str:
+        pinged = asyncio.Event()  # never set: it must not matter
+        return await asyncio.wait_for(_alongside(None, peer.call("list-apps"), pinged, asyncio.Lock()), 5)
+
+    assert asyncio.run(scenario()) == "list-apps"
+
+
+def test_a_request_refused_again_after_the_ping_fails():
+    # Tried twice at most: a peer that refuses everything is not asked forever.
+    peer = Peer({"rsync": 2})
+
+    async def scenario() -> None:
+        pinged = asyncio.Event()
+        pinged.set()
+        await _alongside(None, peer.call("rsync"), pinged, asyncio.Lock())
+
+    with pytest.raises(SessionRefused):
+        asyncio.run(scenario())
+    assert peer.log == ["rsync refused", "rsync refused"]
+
+
+def test_only_features_we_act_on_are_recorded():
+    # A peer's feature list is its own say: unbounded, and not ours to store.
+    conn = PeerConnection(None, None)  # type: ignore[arg-type]
+    conn.features = frozenset({"zstd", "rsync", "x" * 31, "shell-access"})
+    assert known_features(conn) == ["rsync", "zstd"]

@@ -1,0 +1,108 @@
+"""asyncssh is imported without starting ldconfig, gcc or ld, and loses nothing it would have found."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from peerkit import sshimport
+
+# Counts the subprocesses an import starts, in a fresh interpreter.
+PROBE = """
+import json, sys
+started = []
+sys.addaudithook(lambda event, args: event == "subprocess.Popen" and started.append(list(args[1])))
+import ctypes.util
+original = ctypes.util.find_library
+import {module}
+import asyncssh.crypto.umac as umac
+by_import = list(started)  # the lookup below starts ldconfig itself
+print(json.dumps({{"started": by_import, "restored": ctypes.util.find_library is original,
+                  "nettle": umac._nettle_lib is not None, "nettle_by_ctypes": original("nettle") is not None}}))
+"""
+
+
+def probe(module: str) -> dict:
+    out = subprocess.run([sys.executable, "-c", PROBE.format(module=module)], capture_output=True, text=True,
+                         check=True, timeout=60).stdout
+    return json.loads(out.splitlines()[-1])
+
+
+def test_importing_the_client_starts_no_subprocess_and_keeps_what_asyncssh_finds():
+    result = probe("peerkit.client")
+    assert result["started"] == []
+    assert result["restored"]
+    # UMAC stays available wherever ctypes itself finds nettle.
+    assert result["nettle"] == result["nettle_by_ctypes"]
+
+
+def test_asyncssh_alone_does_start_library_lookups():
+    # The control: what the module exists to avoid still happens without it.
+    started = probe("asyncssh")["started"]
+    assert started and any(cmd[0].endswith("ldconfig") for cmd in started)
+
+
+def own_elf_header() -> bytes:
+    with open("/proc/self/exe", "rb") as fh:
+        return fh.read(64)
+
+
+def test_a_library_in_ld_library_path_is_found(tmp_path, monkeypatch):
+    lib = tmp_path / "lib"
+    lib.mkdir()
+    (lib / "libpkfake.so.3").write_bytes(own_elf_header())
+    (lib / "libpkfake.so-gdb.py").write_bytes(own_elf_header())  # not a library name
+    monkeypatch.setenv("LD_LIBRARY_PATH", f"/nonexistent:{lib}")
+    assert sshimport.find_library("pkfake") == str(lib / "libpkfake.so.3")
+    assert sshimport.find_library("libpkfake") == str(lib / "libpkfake.so.3")
+    (lib / "libpkfake.so").symlink_to("libpkfake.so.3")
+    assert sshimport.find_library("pkfake") == str(lib / "libpkfake.so")
+    assert sshimport.find_library("pkabsent") is None
+
+
+def test_only_a_library_this_interpreter_can_load_is_returned(tmp_path, monkeypatch):
+    # asyncssh loads what it is given without a fallback: a linker script or
+    # another architecture's library would break its import.
+    lib = tmp_path / "lib"
+    lib.mkdir()
+    (lib / "libpkscript.so").write_bytes(b"/* GNU ld script */\nGROUP ( libpkscript.so.1 )\n")
+    header = bytearray(own_elf_header())
+    header[18] ^= 0xFF  # another machine
+    (lib / "libpkother.so.1").write_bytes(bytes(header))
+    monkeypatch.setenv("LD_LIBRARY_PATH", str(lib))
+    assert sshimport.find_library("pkscript") is None
+    assert sshimport.find_library("pkother") is None
+    (lib / "libpkscript.so.1").write_bytes(own_elf_header())
+    assert sshimport.find_library("pkscript") == str(lib / "libpkscript.so.1")
+    assert sshimport.elf_abi(str(lib / "libpkscript.so.1")) == sshimport.elf_abi(sys.executable)
+
+
+def test_ld_so_conf_directories_and_includes_are_searched(tmp_path, monkeypatch):
+    monkeypatch.delenv("LD_LIBRARY_PATH", raising=False)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "libpkconf.so.1").write_bytes(own_elf_header())
+    (tmp_path / "conf.d").mkdir()
+    (tmp_path / "conf.d" / "x.conf").write_text(f"# comment\n{tmp_path / 'b'}  # trailing\n")
+    conf = tmp_path / "ld.so.conf"
+    conf.write_text(f"{tmp_path / 'a'}\ninclude conf.d/*.conf\nnot-absolute\n")
+    monkeypatch.setattr(sshimport, "_LD_CONF", str(conf))
+    dirs = sshimport.library_dirs()
+    assert dirs.index(str(tmp_path / "a")) < dirs.index(str(tmp_path / "b"))
+    assert "not-absolute" not in dirs and "/usr/lib" in dirs
+    assert sshimport.find_library("pkconf") == str(tmp_path / "b" / "libpkconf.so.1")
+
+
+def test_an_include_loop_ends(tmp_path, monkeypatch):
+    conf = tmp_path / "ld.so.conf"
+    conf.write_text(f"include {conf}\n{tmp_path}\n")
+    monkeypatch.setattr(sshimport, "_LD_CONF", str(conf))
+    assert sshimport.library_dirs().count(str(tmp_path)) == 1
+
+
+@pytest.mark.parametrize("module", ["peerkit.server", "peerkit.rsync", "peerkit.push"])
+def test_every_module_that_uses_asyncssh_imports_it_through_sshimport(module):
+    assert probe(module)["started"] == []

@@ -403,8 +403,9 @@ async def _alongside(conn: PeerConnection, call: Callable[[PeerConnection], Awai
     except SessionRefused:
         # The peer allows fewer sessions at a time than we asked for
         # (serve.max_sessions_per_peer): after the ping, refused requests
-        # go again one at a time.  The ping's session is free then, so one
-        # more always fits beside those that were not refused.
+        # go again one at a time.  The ping's session is free by then, so
+        # one more fits beside those that were not refused; refused again,
+        # the request fails rather than asking forever.
         await pinged.wait()
         async with turns:
             return await call(conn)

@@ -453,7 +453,7 @@ def case_incr_vs_full(env: Env, sizes: Sizes, runs: int) -> Row:
               row, lambda side: change())
     row.ratio = statistics.median(row.a) / statistics.median(row.b)
     row.met = 1 / row.ratio >= 10
-    row.note = f"speed-up {1 / row.ratio:.1f}×"
+    row.note = f"speed-up {1 / row.ratio:.2f}×"
     row.extra["incremental_stage_seconds"] = stage_medians(stages)
     row.note += "; " + stage_note(row.extra["incremental_stage_seconds"])
     return row
@@ -683,7 +683,7 @@ def case_compress(env: Env, sizes: Sizes, runs: int) -> Row:
               lambda side: drop(dst.apps_dir / "compressible"))
     row.ratio = statistics.median(row.a) / statistics.median(row.b)
     row.met = 1 / row.ratio >= 3
-    row.note = f"speed-up {1 / row.ratio:.1f}×; auto chose: {(row.extra.get('notes_auto') or ['?'])[-1]}"
+    row.note = f"speed-up {1 / row.ratio:.2f}×; auto chose: {(row.extra.get('notes_auto') or ['?'])[-1]}"
     return row
 
 

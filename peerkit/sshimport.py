@@ -70,16 +70,17 @@ def elf_abi(path: str) -> bytes | None:
     return head[4:6] + head[18:20]
 
 
-def find_library(name: str) -> str | None:
+def find_library(name: str, dirs: list[str] | None = None, own: bytes | None = None) -> str | None:
     """Return the path of lib``name``.so (or a versioned one) where the loader would find it.
 
     Only a library this interpreter can load counts: asyncssh loads what it
     is given without a fallback, so a linker script (``libc.so`` is one) or
-    another architecture's library would break its import.
+    another architecture's library would break its import.  ``dirs`` and
+    ``own`` (our ELF ABI) are looked up when not given.
     """
     stem = glob.escape(name if name.startswith("lib") else "lib" + name)
-    own = elf_abi("/proc/self/exe") or elf_abi(sys.executable)
-    for d in library_dirs():
+    own = own or elf_abi("/proc/self/exe") or elf_abi(sys.executable)
+    for d in library_dirs() if dirs is None else dirs:
         base = os.path.join(glob.escape(d), stem)
         for path in glob.glob(base + ".so") + sorted(glob.glob(base + ".so.[0-9]*")):
             if own is not None and elf_abi(path) == own:
@@ -93,8 +94,10 @@ def _import() -> None:
     import ctypes.util
     import importlib
 
+    # Looked up once for the import's three lookups, not once per lookup.
+    dirs, own = library_dirs(), elf_abi("/proc/self/exe") or elf_abi(sys.executable)
     original = ctypes.util.find_library
-    ctypes.util.find_library = find_library
+    ctypes.util.find_library = lambda name: find_library(name, dirs, own)
     try:
         importlib.import_module("asyncssh")
     finally:

@@ -268,7 +268,9 @@ class TarExtractor:
         arrives to disk while the stream goes on (stopped by finish/abort).
         """
         self._max = int(max_bytes)
+        self._new_max: int | None = None  # set by limit(), applied by the feeding thread
         self._preserve = (os.geteuid() == 0) if preserve_owner is None else bool(preserve_owner)
+        self._umask = process_umask()
         self._root = os.open(dest, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             if os.listdir(self._root):
@@ -284,7 +286,7 @@ class TarExtractor:
         self._pad = 0                # padding bytes to skip after the data
         self._zero_blocks = 0
         self._out_fd = -1
-        self._out_meta: tuple[int, int, int, int] = (0, 0, 0, 0)
+        self._out_meta: tuple[int, int, int, int, bool] = (0, 0, 0, 0, False)
         self._member = b""           # name of the current member (for details)
         self._meta_type = b""
         self._meta_buf = bytearray()
@@ -301,10 +303,34 @@ class TarExtractor:
 
     # -- public API --------------------------------------------------------
 
+    def limit(self, max_bytes: int) -> None:
+        """Lower the size cap; it takes effect at the next feed() or finish().
+
+        For a stream that started before its advertised size was known.  The
+        thread that feeds applies it (a zstd reader thread feeds compressed
+        pulls), so the parser's state is only ever read by that thread.
+        """
+        self._new_max = min(self._max, int(max_bytes))
+
+    def _apply_limit(self) -> None:
+        new, self._new_max = self._new_max, None
+        if new is None:
+            return
+        # Where the member being written ends: its header was accepted under
+        # the old cap, so its data counts as if it had already arrived.
+        ahead = self._remaining + self._pad if self._state in (_DATA, _META) else (
+            self._pad if self._state == _PAD else 0)
+        # a peer that advertised less than it sends: refused as soon as we know
+        if self.stats.bytes_in + ahead > new or self.stats.content_bytes > new:
+            raise UnsafeArchive(f"archive exceeds the {new}-byte limit")
+        self._max = new
+
     def feed(self, data: bytes) -> None:
         """Consume the next chunk of the archive stream (any size)."""
         self._check_usable()
         try:
+            if self._new_max is not None:
+                self._apply_limit()
             self._feed(data)
         except BaseException as exc:
             self._fail(exc)
@@ -317,6 +343,8 @@ class TarExtractor:
         """Verify the end of archive, apply deferred directory metadata, close fds."""
         self._check_usable()
         try:
+            if self._new_max is not None:
+                self._apply_limit()
             if self._state != _END:
                 raise TransferIncomplete(self._incomplete_detail())
             self._apply_dirs()
@@ -626,13 +654,19 @@ class TarExtractor:
                     mtime_ns: int, uid: int, gid: int) -> None:
         """Create a regular file exclusively and prepare to stream its data."""
         parent = self._dir_fd(comps[:-1])
+        # The file is created with its final mode (the fd is writable even
+        # when that mode is not), saving an fchmod per file where the umask
+        # keeps it whole.  Nothing is exposed early: every directory stays
+        # 0o700 until finish(), and dest is a private staging directory.
+        umask = self._umask
+        chmod = umask is None or bool(mode & umask)
         try:
             # O_EXCL|O_NOFOLLOW: duplicates and planted symlinks are refused
-            fd = os.open(comps[-1], _FILE_FLAGS, 0o600, dir_fd=parent)
+            fd = os.open(comps[-1], _FILE_FLAGS, 0o600 if chmod else mode, dir_fd=parent)
         except OSError as exc:
             raise self._os_refusal(exc, "cannot create file") from exc
         self._out_fd = fd
-        self._out_meta = (mode, mtime_ns, uid, gid)
+        self._out_meta = (mode, mtime_ns, uid, gid, chmod)
         self._regular.add(comps)
         self.stats.files += 1
         self.stats.content_bytes += size
@@ -647,10 +681,11 @@ class TarExtractor:
     def _close_file(self) -> None:
         """Apply owner, mode and mtime to the finished file and close it."""
         fd = self._out_fd
-        mode, mtime_ns, uid, gid = self._out_meta
+        mode, mtime_ns, uid, gid, chmod = self._out_meta
         if self._preserve:
             os.fchown(fd, uid, gid)
-        os.fchmod(fd, mode)
+        if chmod:
+            os.fchmod(fd, mode)
         os.utime(fd, ns=(mtime_ns, mtime_ns))
         self._out_fd = -1
         os.close(fd)
@@ -780,6 +815,22 @@ class TarExtractor:
                 os.fchown(fd, uid, gid)
             os.fchmod(fd, mode)
             os.utime(fd, ns=(mtime_ns, mtime_ns))
+
+
+def process_umask() -> int | None:
+    """Return this process's umask without changing it (None where /proc cannot tell).
+
+    ``os.umask`` can only be read by setting it, which would change it for
+    every thread meanwhile.
+    """
+    try:
+        with open("/proc/self/status", "rb") as fh:
+            for line in fh:
+                if line.startswith(b"Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def _write_all(fd: int, data: memoryview) -> None:

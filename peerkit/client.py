@@ -98,16 +98,45 @@ class StreamResult:
     error_code: str | None
 
 
+class Gate:
+    """Holds a stream's data back once ``full()`` says enough arrived, until ``open()``.
+
+    While held, the channel is paused: asyncssh stops granting window, so
+    the sender waits, and at most one window (``WINDOW``) more is buffered.
+    """
+
+    def __init__(self, full: Callable[[], bool]) -> None:
+        self.full = full
+        self.opened = asyncio.Event()
+
+    def open(self) -> None:
+        self.opened.set()
+
+
 class _Sink(asyncssh.SSHClientSession):
     """Hand stdout to a callback as it arrives; keep the start of stderr."""
 
-    def __init__(self, on_data: Callable[[bytes], None]) -> None:
+    def __init__(self, on_data: Callable[[bytes], None], gate: Gate | None = None) -> None:
         self.on_data = on_data
+        self.gate = gate
+        self.held: asyncio.Future[None] | None = None  # waits for the gate to open
         self.bytes = 0
         self.stderr = bytearray()
         self.failure: BaseException | None = None
         self.chan: asyncssh.SSHClientChannel | None = None
         self.last_data = time.monotonic()
+
+    def _hold(self) -> None:
+        gate, chan = self.gate, self.chan
+        if gate is None or chan is None or self.held is not None or gate.opened.is_set() or not gate.full():
+            return
+        chan.pause_reading()
+        self.held = asyncio.ensure_future(self._release(gate, chan))
+
+    async def _release(self, gate: Gate, chan: asyncssh.SSHClientChannel) -> None:
+        await gate.opened.wait()
+        self.last_data = time.monotonic()  # the wait was ours, not an idle peer
+        chan.resume_reading()
 
     def connection_made(self, chan: asyncssh.SSHClientChannel) -> None:
         self.chan = chan
@@ -129,6 +158,11 @@ class _Sink(asyncssh.SSHClientSession):
             self.failure = exc
             if self.chan is not None:
                 self.chan.close()
+            return
+        self._hold()
+
+    def waiting_at_gate(self) -> bool:
+        return self.held is not None and not self.held.done()
 
 
 def last_json(data: bytes) -> dict[str, Any] | None:
@@ -171,9 +205,13 @@ class PeerConnection:
         await self.close()
 
     async def stream(self, command: str, on_data: Callable[[bytes], None],
-                     idle_timeout: float = IDLE_TIMEOUT) -> StreamResult:
-        """Run ``command``, handing stdout chunks to ``on_data``; return how it ended."""
-        sink = _Sink(on_data)
+                     idle_timeout: float = IDLE_TIMEOUT, *, gate: Gate | None = None) -> StreamResult:
+        """Run ``command``, handing stdout chunks to ``on_data``; return how it ended.
+
+        With a ``gate``, the data stops (the sender waits) once the gate is
+        full, until it opens; time spent waiting there is not idleness.
+        """
+        sink = _Sink(on_data, gate)
         try:
             chan, _ = await self.conn.create_session(
                 lambda: sink, command, encoding=None, window=WINDOW, max_pktsize=MAX_PACKET)
@@ -181,12 +219,20 @@ class PeerConnection:
             try:
                 while not closed.done():
                     await asyncio.wait({closed}, timeout=min(idle_timeout, 5.0))
-                    if not closed.done() and time.monotonic() - sink.last_data > idle_timeout:
+                    if not closed.done() and not sink.waiting_at_gate() \
+                            and time.monotonic() - sink.last_data > idle_timeout:
                         chan.close()
                         raise PeerUnreachable(f"{self.peer.name}: no data for {idle_timeout:g}s")
+            except asyncio.CancelledError:
+                # The caller stopped the request (a pull's check failed while
+                # its transfer ran alongside): stop the data too.
+                chan.close()
+                raise
             finally:
                 if not closed.done():
                     closed.cancel()
+                if sink.held is not None:
+                    sink.held.cancel()
             closed.result()
         except asyncssh.ChannelOpenError as exc:
             raise SessionRefused(f"{self.peer.name}: no session: {exc}") from None

@@ -5,9 +5,11 @@
 
 The transfer is the peer's tar stream (optionally zstd-compressed) extracted
 as it arrives, or with ``--incremental`` an rsync into staging seeded by hard
-links of the live app.  When the peer offered rsync at its last ping, that
-rsync starts with the ping instead of after the backup (it writes only
-staging; a failed check cancels it).  Everything from the lock on is ``install.Receiver``,
+links of the live app.  When the peer answered a ping before (and offered
+rsync, for an incremental pull), the transfer starts with the ping instead
+of after the backup: it writes only staging, a tar stream waits after its
+head start until the listing and the space check passed, and a failed check
+cancels it.  Everything from the lock on is ``install.Receiver``,
 shared with push.  Interrupting before the swap removes the staging copy and
 leaves the local app as it was.
 """
@@ -16,22 +18,27 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import time
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 
 from . import grammar
 from .archive import TarExtractor, check_tree
-from .client import PeerConnection, list_apps, open_peer_with
+from .client import Gate, PeerConnection, StreamResult, list_apps, open_peer_with
 from .compress import ZstdFeeder, choose
 from .config import Config
-from .errors import BadSlug, NoSuchApp, PeerUnreachable, TransferIncomplete, UnsafeArchive
+from .errors import BadSlug, NoSuchApp, PeerUnreachable, SessionRefused, TransferIncomplete, UnsafeArchive
 from .heap import keep_freed_memory
 from .install import NoteFn, ProgressFn, Receiver, Report, check_space, raise_if_disk_full, run_transfer
 from .state import PeerStore
 
 # Drift between the peer's listing and its stream (files growing meanwhile).
 _MARGIN_BYTES = 64 << 20
+# What a transfer started alongside the ping may write before the listing
+# and the space check: then it waits for them (a quarter of the free space
+# at most, so an app that does not fit never fills the disk on the way).
+_HEAD_START_BYTES = 64 << 20
 
 
 def ceiling(cfg: Config, size_kb: int) -> int:
@@ -40,52 +47,101 @@ def ceiling(cfg: Config, size_kb: int) -> int:
     return min(cfg.max_app_bytes, advertised + max(_MARGIN_BYTES, advertised // 8))
 
 
-async def _tar_transfer(conn: PeerConnection, cfg: Config, app: str, size_kb: int, staging: Path,
-                        compressed: bool, report: Report, progress: ProgressFn | None) -> None:
-    """Stream the app's tar into ``staging`` and verify it arrived whole."""
-    keep_freed_memory()
-    extractor = TarExtractor(staging, max_bytes=ceiling(cfg, size_kb), background_flush=True)
-    total = size_kb * 1024
-    extracted = 0
+class _TarStream:
+    """The peer's tar stream of one app, extracted into ``staging`` as it arrives.
 
-    def extract(data: bytes) -> None:
-        nonlocal extracted
-        extractor.feed(data)
-        extracted += len(data)
-        if progress is not None:
-            progress("transfer", extracted, total)
+    ``run(conn)`` is the request (it may start alongside the ping, before the
+    app's size is known: ``max_bytes`` is then ``max_app_bytes`` until
+    ``limit()`` lowers it); ``finish()`` checks it arrived whole.
+    """
 
-    try:
-        feeder = ZstdFeeder(extract) if compressed else None
-    except BaseException:
-        extractor.abort()  # its fds and flush thread
-        raise
-    command = f"stream-app {app}" + (" --zstd" if compressed else "")
+    def __init__(self, app: str, staging: Path, compressed: bool, max_bytes: int,
+                 progress: ProgressFn | None, *, early: bool = False) -> None:
+        keep_freed_memory()
+        self.gate: Gate | None = None
+        if early:
+            st = os.statvfs(staging)
+            head_start = min(_HEAD_START_BYTES, st.f_bavail * st.f_frsize // 4)
+            self.gate = Gate(lambda: self.extracted >= head_start)
+        self.compressed = compressed
+        self.staging = staging
+        self.total: int | None = None  # unknown until the listing arrives
+        self.extracted = 0
+        self.started: float | None = None
+        self.finished = False
+        self._progress = progress
+        self.extractor = TarExtractor(staging, max_bytes=max_bytes, background_flush=True)
+        try:
+            self.feeder = ZstdFeeder(self._extract) if compressed else None
+        except BaseException:
+            self.extractor.abort()  # its fds and flush thread
+            raise
+        self.command = f"stream-app {app}" + (" --zstd" if compressed else "")
+
+    def _extract(self, data: bytes) -> None:
+        self.extractor.feed(data)
+        self.extracted += len(data)
+        if self._progress is not None:
+            self._progress("transfer", self.extracted, self.total)
+
+    def limit(self, cfg: Config, size_kb: int) -> None:
+        """Hold the stream to the ceiling for the size the peer advertised."""
+        self.total = size_kb * 1024
+        self.extractor.limit(ceiling(cfg, size_kb))
+
+    def go_on(self) -> None:
+        """The checks passed: let a stream held at its head start continue."""
+        if self.gate is not None:
+            self.gate.open()
+
+    async def run(self, conn: PeerConnection) -> StreamResult:
+        self.started = time.monotonic()
+        try:
+            return await conn.stream(self.command, self.feeder.feed if self.feeder else self._extract,
+                                     gate=self.gate)
+        except SessionRefused:
+            raise  # asked alongside the ping: it goes again after it (client.open_peer_with)
+        except PeerUnreachable as exc:
+            raise TransferIncomplete(exc.detail) from None
+
+    def finish(self, conn: PeerConnection, app: str, result: StreamResult, report: Report) -> None:
+        """Check how the stream ended and that the archive is complete."""
+        report.bytes = result.bytes
+        if result.error_code == "no-such-app":
+            raise NoSuchApp(f"{conn.peer.name} has no app {app}")
+        # The remote exit status is the sender's word that it sent
+        # everything; a clean end of archive is ours.
+        if result.exit_status != 0:
+            raise TransferIncomplete(
+                f"{conn.peer.name} exited with status {result.exit_status} "
+                f"({result.error_code or 'no error code'}) after {result.bytes} bytes")
+        if self.feeder is not None:
+            self.feeder.finish()
+        report.files = self.extractor.finish().files
+        self.finished = True
+        if self._progress is not None:
+            # The last word, with the total (an early stream may have ended
+            # before the listing gave it); the zstd thread has ended by now.
+            self._progress("transfer", self.extracted, self.total)
+
+    def abort(self) -> None:
+        """Stop decompressing and extracting (the caller removes staging); never raises."""
+        if self.feeder is not None:
+            self.feeder.abort()
+        self.extractor.abort()
+
+
+async def _tar_transfer(conn: PeerConnection, tar: _TarStream, app: str, report: Report,
+                        early: "asyncio.Future[StreamResult] | None") -> None:
+    """Stream the app's tar into staging (or wait for the stream started early) and verify it."""
     try:
         with report.stage("transfer"):
-            try:
-                result = await conn.stream(command, feeder.feed if feeder else extract)
-            except PeerUnreachable as exc:
-                raise TransferIncomplete(exc.detail) from None
-            report.bytes = result.bytes
+            result = await (early if early is not None else tar.run(conn))
         with report.stage("verify"):
-            if result.error_code == "no-such-app":
-                raise NoSuchApp(f"{conn.peer.name} has no app {app}")
-            # The remote exit status is the sender's word that it sent
-            # everything; a clean end of archive is ours.
-            if result.exit_status != 0:
-                raise TransferIncomplete(
-                    f"{conn.peer.name} exited with status {result.exit_status} "
-                    f"({result.error_code or 'no error code'}) after {result.bytes} bytes")
-            if feeder is not None:
-                feeder.finish()
-            stats = extractor.finish()
-            report.files = stats.files
+            tar.finish(conn, app, result, report)
     except BaseException as exc:
-        if feeder is not None:
-            feeder.abort()
-        extractor.abort()
-        raise_if_disk_full(exc, staging.parent)
+        tar.abort()
+        raise_if_disk_full(exc, tar.staging.parent)
         raise
 
 
@@ -111,38 +167,56 @@ async def _rsync_transfer(cfg: Config, conn: PeerConnection, app: str, staging: 
             raise UnsafeArchive(f"cannot check the received tree: {exc}") from None
 
 
-def _early_rsync(store: PeerStore, peer_name: str, incremental: bool) -> bool:
-    """Tell whether to start an incremental pull's rsync with the ping: the peer offered rsync last time."""
+def _plan(cfg: Config, peer_config: dict[str, Any], features: Any, incremental: bool,
+          compress: str) -> tuple[bool, bool, str]:
+    """Return (use rsync, compress the tar stream, why) for a peer offering ``features``."""
     from .rsync import rsync_binary
 
+    features = features if isinstance(features, (list, frozenset, set)) else ()
+    if incremental and rsync_binary() is not None and "rsync" in features:
+        return True, False, ""
+    compressed, why = choose(compress, host=peer_config["host"], link_mbps=cfg.link_mbps,
+                             measured_mbps=peer_config.get("link_mbps"), remote_has_zstd="zstd" in features)
+    return False, compressed, why
+
+
+def _early_plan(cfg: Config, store: PeerStore, peer_name: str, incremental: bool, compress: str,
+                backup_due: bool) -> tuple[bool, bool] | None:
+    """Return the transfer to start alongside the ping, judged by what the peer offered at its last ping.
+
+    None (wait for the ping) for a peer never pinged since features were
+    recorded, for an incremental pull the peer offered no rsync for (a tar
+    transfer then comes with its fallback note), and for an rsync while a
+    pre-backup of the live app is due: rsync's ``--link-dest`` hard links
+    change the live files' ctime, which the backup's tar reports as files
+    changed while it read them (and fails).
+    """
     peer = store.get(peer_name)
     features = peer.config.get("features") if peer is not None else None
-    return incremental and isinstance(features, list) and "rsync" in features and rsync_binary() is not None
+    if peer is None or not isinstance(features, list):
+        return None
+    use_rsync, compressed, _ = _plan(cfg, peer.config, features, incremental, compress)
+    if (incremental and not use_rsync) or (use_rsync and backup_due):
+        return None
+    return use_rsync, compressed
 
 
 def _transfer_mode(cfg: Config, conn: PeerConnection, incremental: bool, compress: str,
                    report: Report, note: NoteFn | None) -> tuple[bool, bool]:
-    """Return (use rsync, compress the tar stream), noting every fallback."""
+    """Return (use rsync, compress the tar stream) for what the peer offers now, noting every fallback."""
     from .rsync import rsync_binary
 
-    use_rsync = False
-    if incremental:
+    use_rsync, compressed, why = _plan(cfg, conn.peer.config, conn.features, incremental, compress)
+    if incremental and not use_rsync:
         missing = [side for side, ok in (("here", rsync_binary() is not None),
                                          (f"on {conn.peer.name}", "rsync" in conn.features)) if not ok]
-        if missing:
-            text = f"rsync is not available {' or '.join(missing)}: falling back to a full transfer"
-            report.notes.append(text)
-            if note is not None:
-                note(f"note: {text}")
-        else:
-            use_rsync = True
-    if use_rsync:
-        return True, False
-    compressed, why = choose(compress, host=conn.peer.config["host"], link_mbps=cfg.link_mbps,
-                             measured_mbps=conn.peer.config.get("link_mbps"),
-                             remote_has_zstd="zstd" in conn.features)
-    report.notes.append(f"{'zstd' if compressed else 'no'} compression: {why}")
-    return False, compressed
+        text = f"rsync is not available {' or '.join(missing)}: falling back to a full transfer"
+        report.notes.append(text)
+        if note is not None:
+            note(f"note: {text}")
+    if not use_rsync:
+        report.notes.append(f"{'zstd' if compressed else 'no'} compression: {why}")
+    return use_rsync, compressed
 
 
 async def pull_app(cfg: Config, peer_name: str, app: str, *, pre_backup: bool = True,
@@ -164,21 +238,34 @@ async def _pull(cfg: Config, peer_name: str, app: str, pre_backup: bool, keep_ur
         raise BadSlug(repr(app[:80]))
     with Receiver(cfg, app, peer_name, report) as receiver:
         calls: list[Callable[[PeerConnection], Awaitable[Any]]] = [list_apps]
+        tar: _TarStream | None = None
         with PeerStore(cfg.db_path) as store, report.stage("ping"):
-            if _early_rsync(store, peer_name, incremental):
-                # The peer offered rsync at its last ping: start the rsync
-                # with the ping and list-apps instead of after them.  It
-                # only writes staging, and the checks below still come
-                # first: their failures cancel it, and what it wrote goes.
+            plan = _early_plan(cfg, store, peer_name, incremental, compress,
+                               backup_due=pre_backup and receiver.live.exists())
+            # The transfer the peer's last ping allows starts with this ping
+            # and list-apps instead of after them.  It only writes staging,
+            # and the checks below still come first: their failures cancel
+            # it, and what it wrote goes.  A tar stream is held to
+            # max_app_bytes until the listing gives the app's size.
+            if plan is not None and plan[0]:
                 from .rsync import run_client
 
                 staging = receiver.new_staging()
                 live = receiver.live if receiver.live.is_dir() else None
                 calls.append(lambda conn: run_client(conn, app, staging, live))
                 report.notes.append("rsync started alongside the ping (the peer offered it last time)")
+            elif plan is not None:
+                tar = _TarStream(app, receiver.new_staging(), plan[1], cfg.max_app_bytes, progress, early=True)
+                calls.append(tar.run)
+                report.notes.append("transfer started alongside the ping (the peer was reachable last time)")
             # list-apps goes out with the ping, on a second channel; its
             # answer is taken (and its failures reported) in "inventory".
-            conn, (listing, *started_early) = await open_peer_with(cfg, store, peer_name, calls, note)
+            try:
+                conn, (listing, *started_early) = await open_peer_with(cfg, store, peer_name, calls, note)
+            except BaseException:
+                if tar is not None:
+                    tar.abort()
+                raise
         early = started_early[0] if started_early else None
         async with conn:
             try:
@@ -187,26 +274,42 @@ async def _pull(cfg: Config, peer_name: str, app: str, pre_backup: bool, keep_ur
                     entry = next((a for a in inventory["apps"] if a["slug"] == app), None)
                     if entry is None:
                         raise NoSuchApp(f"{peer_name} has no app {app}")
-                    check_space(cfg.apps_dir, entry["size_kb"] * 1024)
+                    need = entry["size_kb"] * 1024
+                    if tar is not None:
+                        tar.limit(cfg, entry["size_kb"])
+                        need -= tar.extracted  # on disk already (its head start at most)
+                    check_space(cfg.apps_dir, need)
+                    if tar is not None:
+                        tar.go_on()
                 receiver.backup(pre_backup, "--no-pre-backup", "pre-pull")
                 use_rsync, compressed = _transfer_mode(cfg, conn, incremental, compress, report, note)
-                if early is not None and not use_rsync:
-                    # The peer no longer offers rsync (its ping said so): a tar transfer instead.
+                if early is not None and (use_rsync, compressed) != plan:
+                    # The peer's ping no longer offers what the early start
+                    # relied on (rsync, zstd): start again the way it allows.
                     await _cancel(early)
                     early = None
+                    if tar is not None:
+                        tar.abort()
+                        tar = None
+                    report.notes.append("the early transfer was stopped: the peer's features changed")
                 if early is None:
                     staging = receiver.new_staging()
                 started = time.monotonic()
                 if use_rsync:
                     await _rsync_transfer(cfg, conn, app, staging, receiver.live, report, early)
                 else:
-                    await _tar_transfer(conn, cfg, app, entry["size_kb"], staging, compressed, report,
-                                        progress)
+                    if tar is None:
+                        tar = _TarStream(app, staging, compressed, ceiling(cfg, entry["size_kb"]), progress)
+                        tar.total = entry["size_kb"] * 1024
+                    await _tar_transfer(conn, tar, app, report, early)
+                    started = tar.started or started
                 _remember_rate(cfg, peer_name, report.bytes, time.monotonic() - started, use_rsync)
             finally:
                 for future in (listing, early):
                     if future is not None:
                         await _cancel(future)
+                if tar is not None and not tar.finished:
+                    tar.abort()  # stopped before its checks passed (after its request: no more data)
         await receiver.flush()
         # commit() runs without yielding to the loop, so the SIGTERM handler
         # run_transfer installed cannot cancel it; it only keeps SIGTERM from

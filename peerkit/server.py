@@ -432,6 +432,15 @@ class _Session(asyncssh.SSHServerSession):
         if self.chan is not None:
             with contextlib.suppress(OSError, asyncssh.Error):
                 self.chan.exit(status)
+        # Done: the session stops counting now, not when asyncssh reports the
+        # channel closed (a callback later), so a client that opens its next
+        # channel as soon as this one closes is not refused for it.
+        self._release()
+
+    def _release(self) -> None:
+        if self.counted:
+            self.server.state.sessions[self.server.grant.peer] -= 1  # type: ignore[union-attr]
+            self.counted = False
 
     def connection_lost(self, exc: Exception | None) -> None:
         # The client went away: closing our ends makes the worker's next
@@ -452,9 +461,7 @@ class _Session(asyncssh.SSHServerSession):
             with contextlib.suppress(OSError):
                 sock.close()
         self.inbox.put_nowait(None)
-        if self.counted:
-            self.server.state.sessions[self.server.grant.peer] -= 1  # type: ignore[union-attr]
-            self.counted = False
+        self._release()
 
 
 async def start(cfg: Config, *, listen: str, port: int, limits: Limits = Limits()) -> asyncssh.SSHAcceptor:

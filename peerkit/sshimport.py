@@ -11,8 +11,10 @@ While asyncssh is being imported, and only then, library lookups look
 where the dynamic loader would: LD_LIBRARY_PATH, the directories
 ld.so.conf lists, and the default ones.  A host with liboqs or nettle in
 any of them keeps what asyncssh builds on them; after the import,
-``ctypes.util.find_library`` is ctypes' own again.  Modules that use
-asyncssh import it from here (``from .sshimport import asyncssh``).
+``ctypes.util.find_library`` is ctypes' own again.  asyncssh's X.509
+certificate module, which peerkit never uses, is not imported at all
+(``_Skip``).  Modules that use asyncssh import it from here
+(``from .sshimport import asyncssh``).
 """
 
 from __future__ import annotations
@@ -70,22 +72,65 @@ def elf_abi(path: str) -> bytes | None:
     return head[4:6] + head[18:20]
 
 
-def find_library(name: str, dirs: list[str] | None = None, own: bytes | None = None) -> str | None:
+def _so_index(directory: str) -> dict[str, list[str]]:
+    """Map each library stem in ``directory`` (``libz``) to its names there (``libz.so``, ``libz.so.1``)."""
+    index: dict[str, list[str]] = {}
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return index
+    for entry in names:
+        stem, so, version = entry.rpartition(".so")
+        # lib<name>.so, or lib<name>.so.<digit>... (the loader's sonames), nothing else
+        if so and (not version or (version[0] == "." and version[1:2].isdigit())):
+            index.setdefault(stem, []).append(entry)
+    return index
+
+
+def find_library(name: str, dirs: list[str] | None = None, own: bytes | None = None,
+                 indexes: dict[str, dict[str, list[str]]] | None = None) -> str | None:
     """Return the path of lib``name``.so (or a versioned one) where the loader would find it.
 
     Only a library this interpreter can load counts: asyncssh loads what it
     is given without a fallback, so a linker script (``libc.so`` is one) or
     another architecture's library would break its import.  ``dirs`` and
-    ``own`` (our ELF ABI) are looked up when not given.
+    ``own`` (our ELF ABI) are looked up when not given; ``indexes`` keeps
+    each directory's listing between lookups (one import makes three).
     """
-    stem = glob.escape(name if name.startswith("lib") else "lib" + name)
+    stem = name if name.startswith("lib") else "lib" + name
     own = own or elf_abi("/proc/self/exe") or elf_abi(sys.executable)
+    indexes = {} if indexes is None else indexes
     for d in library_dirs() if dirs is None else dirs:
-        base = os.path.join(glob.escape(d), stem)
-        for path in glob.glob(base + ".so") + sorted(glob.glob(base + ".so.[0-9]*")):
+        index = indexes.get(d)
+        if index is None:
+            index = indexes[d] = _so_index(d)
+        names = index.get(stem, ())
+        plain = stem + ".so"
+        for entry in ([plain] if plain in names else []) + sorted(n for n in names if n != plain):
+            path = os.path.join(d, entry)
             if own is not None and elf_abi(path) == own:
                 return path
     return None
+
+
+class _Skip:
+    """Refuse, during asyncssh's import only, its optional modules peerkit never uses.
+
+    X.509 certificates: peers are pinned by their raw host key and
+    authorized by their raw ed25519 key (``x509_trusted_certs=None`` on
+    every connection), so certificate parsing is attack surface we do not
+    need.  The module imports ``cryptography.x509`` (20-30 ms of every
+    client start) before it needs pyOpenSSL; without pyOpenSSL asyncssh
+    already catches the ImportError and offers no X.509 algorithms, and
+    with it, that is what skipping the module does too.
+    """
+
+    NAMES = frozenset({"asyncssh.crypto.x509"})
+
+    def find_spec(self, name: str, path: object = None, target: object = None) -> None:
+        if name in self.NAMES:
+            raise ImportError(f"{name} is not used by peerkit", name=name)
+        return None
 
 
 def _import() -> None:
@@ -96,12 +141,16 @@ def _import() -> None:
 
     # Looked up once for the import's three lookups, not once per lookup.
     dirs, own = library_dirs(), elf_abi("/proc/self/exe") or elf_abi(sys.executable)
+    indexes: dict[str, dict[str, list[str]]] = {}
     original = ctypes.util.find_library
-    ctypes.util.find_library = lambda name: find_library(name, dirs, own)
+    ctypes.util.find_library = lambda name: find_library(name, dirs, own, indexes)
+    skip = _Skip()
+    sys.meta_path.insert(0, skip)
     try:
         importlib.import_module("asyncssh")
     finally:
         ctypes.util.find_library = original
+        sys.meta_path.remove(skip)
 
 
 _import()

@@ -20,8 +20,13 @@ original = ctypes.util.find_library
 import {module}
 import asyncssh.crypto.umac as umac
 by_import = list(started)  # the lookup below starts ldconfig itself
+import asyncssh
 print(json.dumps({{"started": by_import, "restored": ctypes.util.find_library is original,
-                  "nettle": umac._nettle_lib is not None, "nettle_by_ctypes": original("nettle") is not None}}))
+                  "nettle": umac._nettle_lib is not None, "nettle_by_ctypes": original("nettle") is not None,
+                  "x509": "cryptography.x509" in sys.modules,
+                  "x509_algs": [a.decode() for a in asyncssh.public_key.get_x509_certificate_algs()],
+                  "finders": [type(f).__name__ for f in sys.meta_path],
+                  "ed25519": b"ssh-ed25519" in asyncssh.public_key.get_public_key_algs()}}))
 """
 
 
@@ -43,6 +48,35 @@ def test_asyncssh_alone_does_start_library_lookups():
     # The control: what the module exists to avoid still happens without it.
     started = probe("asyncssh")["started"]
     assert started and any(cmd[0].endswith("ldconfig") for cmd in started)
+
+
+def test_x509_certificate_support_is_left_out():
+    # Peers are pinned by raw keys: no certificate parser to attack, no
+    # cryptography.x509 import on every client start.
+    ours, plain = probe("peerkit.client"), probe("asyncssh")
+    assert not ours["x509"] and ours["x509_algs"] == []
+    assert ours["ed25519"]
+    assert "_Skip" not in ours["finders"]  # only during the import
+    # The control: asyncssh alone imports cryptography.x509 (and offers
+    # X.509 algorithms only where pyOpenSSL is installed too).
+    assert plain["x509"]
+
+
+def test_each_directory_is_listed_once_for_all_lookups(tmp_path, monkeypatch):
+    lib = tmp_path / "lib"
+    lib.mkdir()
+    for name in ("libpka.so.1", "libpkb.so", "libpkb.so.2", "libpkb.socket", "libpkb.so.x", "libpkc.so.1.so"):
+        (lib / name).write_bytes(own_elf_header())
+    listed = []
+    monkeypatch.setattr(sshimport.os, "listdir", lambda d, real=sshimport.os.listdir: listed.append(d) or real(d))
+    indexes: dict = {}
+    dirs = [str(lib), str(tmp_path / "missing")]
+    assert sshimport.find_library("pka", dirs, indexes=indexes) == str(lib / "libpka.so.1")
+    assert sshimport.find_library("pkb", dirs, indexes=indexes) == str(lib / "libpkb.so")  # the plain name first
+    assert sshimport.find_library("pkc.so.1", dirs, indexes=indexes) == str(lib / "libpkc.so.1.so")
+    assert sshimport.find_library("pkabsent", dirs, indexes=indexes) is None
+    assert listed == [str(lib), str(tmp_path / "missing")]
+    assert sorted(indexes[str(lib)]["libpkb"]) == ["libpkb.so", "libpkb.so.2"]  # not .socket, not .so.x
 
 
 def own_elf_header() -> bytes:

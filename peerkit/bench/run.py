@@ -672,6 +672,9 @@ def case_compress(env: Env, sizes: Sizes, runs: int) -> Row:
     harness.pair_both_ways(src, dst)
     make_app(src, "compressible", lambda p: gen_compressible(p, sizes.compressible))
     wrap = ["ip", "netns", "exec", ns_c, "setpriv", f"--reuid={uc.uid}", f"--regid={uc.gid}", "--clear-groups"]
+    # A paired peer is pinged before it is pulled from, as in the main pair:
+    # the ping records its host key and features (pulls start with the ping).
+    timed(uc, [str(dst.peerkit), "--config", str(dst.config_path), "ping", "site-s"], wrap=wrap)
 
     def pull(mode: str) -> float:
         r = timed(uc, pull_argv(dst, "site-s", "compressible", "--compress", mode), wrap=wrap)

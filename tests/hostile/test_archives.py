@@ -71,7 +71,7 @@ class FakeConnection:
     async def __aexit__(self, *exc):
         return None
 
-    async def stream(self, command, on_data, idle_timeout=None):
+    async def stream(self, command, on_data, idle_timeout=None, *, gate=None):
         self.commands.append(command)
         pos = 0
         while pos < len(self.data):

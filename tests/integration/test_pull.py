@@ -47,6 +47,7 @@ import signal
 import stat
 import subprocess
 import sys
+import tarfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -487,7 +488,12 @@ def _check_progress_then_result(run: Run, big: int, files: int) -> dict:
                         "total": line["total"]} for line in progress), progress
     done = [line["bytes"] for line in progress]
     assert done == sorted(done) and done[0] > 0 and done[-1] <= result["bytes"]
-    assert len({line["total"] for line in progress}) == 1 and progress[0]["total"] > big
+    # The total is null until the listing gives the app's size (a transfer
+    # started alongside the ping can report before that), then one number.
+    totals = [line["total"] for line in progress]
+    known = [t for t in totals if t is not None]
+    assert totals == [None] * (len(totals) - len(known)) + known, totals
+    assert known and len(set(known)) == 1 and known[0] > big
     # Nothing but progress events before the result line.
     assert len(progress) == len(run.lines) - 1, run.lines
     assert result["bytes"] > big and result["files"] > files
@@ -653,6 +659,41 @@ def test_archive_over_the_size_cap_is_refused(pp, dst_config):
     assert_pulled(pp.pull("big-app", "--no-pre-backup"))
     assert diff(_as_pulled_by(snapshot(pp.src.apps_dir / "big-app"), pp.dst.user),
                 snapshot(pp.dst.apps_dir / "big-app")) == []
+
+
+@pytest.mark.servers("sshd", reason="the stream comes from the stand-in forced command, which only sshd runs")
+def test_a_stream_larger_than_advertised_is_refused_when_it_started_before_the_listing(pp):
+    # The transfer starts with the ping, held only to max_app_bytes until
+    # list-apps gives the size; then to that size plus the 64 MiB margin.
+    slug = "liar-app"
+    pp.source_app(slug, {"small.txt": b"what list-apps measures\n"})
+    big = 80 << 20
+
+    class Zeros:
+        def __init__(self) -> None:
+            self.left = big
+
+        def read(self, n: int = -1) -> bytes:
+            n = self.left if n < 0 else min(n, self.left)
+            self.left -= n
+            return bytes(n)
+
+    buf = pp.dir / "liar.tar"
+    with tarfile.open(buf, "w", format=tarfile.PAX_FORMAT) as tf:
+        info = tarfile.TarInfo("zeros.bin")
+        info.size, info.mode = big, 0o644
+        tf.addfile(info, Zeros())
+    os.chmod(buf, 0o644)
+    pp.stream_script(slug, f"cat {buf} | send\n")
+    before = snapshot(pp.local_app(slug, _small_app("old")))
+    assert peerkit(pp.dst, "ping", pp.peer).returncode == 0
+    run = pp.pull(slug, "--no-pre-backup")
+    assert_failed(run, "unsafe-archive")
+    assert "limit" in run.result["message"], run.result
+    assert any("alongside the ping" in n for n in run.result["notes"]), run.result["notes"]
+    assert diff(before, snapshot(pp.dst.apps_dir / slug)) == []
+    assert leftovers(pp.dst) == []
+    buf.unlink()
 
 
 # -- 3. cut transfers --------------------------------------------------------------------------
@@ -848,7 +889,11 @@ def test_sigterm_during_the_transfer_leaves_the_app_unchanged(pp):
     bg.proc.send_signal(signal.SIGTERM)
     run = bg.finish(timeout=20)
     assert_failed(run, "interrupted")
-    assert run.stages["transfer"]["outcome"] == "failed"
+    # The transfer starts alongside the ping (the pair pinged before), so the
+    # signal lands in whichever stage waits meanwhile: always before the swap.
+    failed = [name for name, stage in run.stages.items() if stage["outcome"] == "failed"]
+    assert len(failed) == 1 and failed[0] in ("ping", "inventory", "backup", "transfer"), run.stages
+    assert "swap" not in run.stages
     assert diff(before, snapshot(pp.dst.apps_dir / slug)) == []
     assert leftovers(pp.dst) == []
     assert pp.hook_lines(slug) == []

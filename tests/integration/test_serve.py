@@ -389,6 +389,9 @@ def test_pull_takes_turns_with_a_server_that_allows_one_session(world, configure
     """A pull asks list-apps alongside the ping; with one session allowed, it asks again after it."""
     configure(serve={"max_sessions_per_peer": 1})
     c = world.c
+    # No features recorded for S (as before its first ping): the transfer waits for the ping.
+    c.owner_sql("con.execute(\"UPDATE peers SET config_json = json_remove(config_json, '$.features') "
+                "WHERE name = ?\", (args[0],))", "site-s")
     before = len(world.s.audit_events())
     out = c.user.run([str(c.peerkit), "pull", "site-s", "slow", "--json", "--no-pre-backup"],
                      env=c.user.env(extra_path=[c.bin_dir]), check=False)
@@ -398,6 +401,27 @@ def test_pull_takes_turns_with_a_server_that_allows_one_session(world, configure
     # The second channel was refused (and audited), then list-apps ran on its own.
     assert [(e["verb"], e["outcome"]) for e in world.serve_events(before)] == [("session", "refused")]
     assert [e["verb"] for e in world.shell_events(before)] == ["ping", "list-apps", "stream-app"]
+    shutil.rmtree(c.apps_dir / "slow")
+
+
+@pytest.mark.parametrize("allowed", [1, 2])
+def test_a_pull_started_with_the_ping_takes_turns_too(world, configure, allowed):
+    """With S pinged before, a pull asks ping, list-apps and stream-app at once; refused ones go again."""
+    configure(serve={"max_sessions_per_peer": allowed})
+    c = world.c
+    env = c.user.env(extra_path=[c.bin_dir])
+    c.user.run([str(c.peerkit), "ping", "site-s"], env=env, check=True)
+    before = len(world.s.audit_events())
+    out = c.user.run([str(c.peerkit), "pull", "site-s", "slow", "--json", "--no-pre-backup"], env=env, check=False)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert out.returncode == 0 and result["ok"] is True, (out.stdout, out.stderr)
+    assert any("alongside the ping" in n for n in result["notes"]), result["notes"]
+    assert (c.apps_dir / "slow" / "README").read_bytes() == b"slow\n" * 100
+    refused = [(e["verb"], e["outcome"]) for e in world.serve_events(before)]
+    # Three sessions asked at once: with one allowed, two refused; with two, one.
+    assert refused == [("session", "refused")] * (3 - allowed), refused
+    verbs = [e["verb"] for e in world.shell_events(before)]
+    assert sorted(verbs) == ["list-apps", "ping", "stream-app"], verbs
     shutil.rmtree(c.apps_dir / "slow")
 
 
@@ -445,6 +469,41 @@ def test_sessions_per_peer_cap_counts_channels_before_their_command(world, confi
         assert chan.recv_exit_status() == 0
         for chan in channels:
             chan.close()
+
+
+def test_a_session_stops_counting_when_its_command_exits(world, configure):
+    """With one session allowed, the next channel opened right after a command ends is served.
+
+    The session is released when its command exits, not in asyncssh's
+    close callback a moment later (when the next open could be refused).
+    """
+    import asyncssh
+
+    configure(serve={"max_sessions_per_peer": 1})
+    before = len(world.s.audit_events())
+
+    class Session(asyncssh.SSHClientSession):
+        def __init__(self) -> None:
+            self.status: asyncio.Future = asyncio.get_running_loop().create_future()
+
+        def exit_status_received(self, status: int) -> None:
+            self.status.set_result(status)
+
+    async def scenario() -> None:
+        async with asyncssh.connect(LOCALHOST, **client_options(world)) as conn:
+            channels = []
+            for _ in range(10):
+                session = Session()
+                chan, _ = await conn.create_session(lambda: session, "ping")
+                # The next channel opens as soon as the exit status is in,
+                # while this one's close handshake may still be under way.
+                assert await session.status == 0
+                channels.append(chan)
+            for chan in channels:
+                await chan.wait_closed()
+
+    run(scenario())
+    assert [e for e in world.serve_events(before) if e.get("outcome") == "refused"] == []
 
 
 def test_per_source_auth_failure_limit(world, configure):

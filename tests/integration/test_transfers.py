@@ -592,9 +592,11 @@ def test_incremental_pull_moves_only_what_changed(world):
     result = assert_ok(run)
     assert not any("falling back" in n for n in result["notes"]), result["notes"]
     assert "falling back" not in run.stderr
-    # The full pull's ping recorded that A offers rsync: it started with this pull's ping.
+    # The full pull's ping recorded that A offers rsync, but a pre-backup of
+    # the live app was due: the rsync (whose hard links change the live
+    # files' ctime under the backup's tar) waited for it.
     assert "rsync" in recorded_features(b, a.name)
-    assert any("alongside the ping" in n for n in result["notes"]), result["notes"]
+    assert not any("alongside the ping" in n for n in result["notes"]), result["notes"]
     assert 512 << 10 < result["bytes"] < 5 << 20, result["bytes"]
     assert same_tree(source, a.user, live, b.user) == []
     assert not (live / deleted).exists() and (live / added).is_file()
@@ -610,6 +612,13 @@ def test_incremental_pull_moves_only_what_changed(world):
     assert new_inodes[changed] != old_inodes[changed]
     assert kept.read_bytes() == old_content and os.stat(kept).st_ino == old_inodes[changed]
     kept.unlink()
+
+    # Without a pre-backup, the rsync starts with the ping.
+    (source / "small" / "d2" / "later.txt").write_bytes(b"added later still\n")
+    as_owner(source, a.user)
+    result = assert_ok(peerkit(b, "pull", a.name, "bigapp", "--incremental", "--no-pre-backup"))
+    assert any("alongside the ping" in n for n in result["notes"]), result["notes"]
+    assert same_tree(source, a.user, live, b.user) == [] and leftovers(b) == []
 
 
 # -- e. incremental push --------------------------------------------------------------------
@@ -820,7 +829,7 @@ def test_incremental_falls_back_when_the_peer_has_no_rsync(world):
                 "WHERE name = ?\", (args[1], args[0]))", a.name, '["rsync"]')
     assert recorded_features(c, a.name) == ["rsync"]
     (a.apps_dir / "fbapp" / "VERSION").write_bytes(b"2\n")
-    run = peerkit(c, "pull", a.name, "fbapp", "--incremental")
+    run = peerkit(c, "pull", a.name, "fbapp", "--incremental", "--no-pre-backup")
     result = assert_ok(run)
     assert any("alongside the ping" in n for n in result["notes"]) and text in result["notes"], result["notes"]
     assert [s["name"] for s in result["stages"]].count("transfer") == 1, result["stages"]
@@ -841,6 +850,63 @@ def test_incremental_falls_back_when_the_peer_has_no_rsync(world):
     finally:
         peerkit(a, "deny", c.name, "--push")
         install_standin(world)
+
+
+# -- h2. a full pull starts its transfer with the ping ------------------------------------------
+
+EARLY = "transfer started alongside the ping (the peer was reachable last time)"
+CHANGED = "the early transfer was stopped: the peer's features changed"
+
+
+def _set_recorded_features(inst: harness.PeerkitInstance, peer: str, features: str | None) -> None:
+    if features is None:
+        inst.owner_sql("con.execute(\"UPDATE peers SET config_json = json_remove(config_json, '$.features') "
+                       "WHERE name = ?\", (args[0],))", peer)
+    else:
+        inst.owner_sql("con.execute(\"UPDATE peers SET config_json = json_set(config_json, '$.features', json(?)) "
+                       "WHERE name = ?\", (args[1], args[0]))", peer, features)
+
+
+def test_a_full_pull_starts_its_transfer_with_the_ping(world):
+    a, b = world.a, world.b
+    source = make_tree(a.apps_dir / "earlyapp", {"VERSION": b"1\n", "data": None,
+                                                 "data/x.bin": os.urandom(300_000)}, a.user)
+    assert peerkit(b, "ping", a.name).returncode == 0
+    assert "zstd" in recorded_features(b, a.name)
+    result = assert_ok(peerkit(b, "pull", a.name, "earlyapp", "--no-pre-backup"))
+    assert EARLY in result["notes"] and CHANGED not in result["notes"], result["notes"]
+    assert same_tree(source, a.user, b.apps_dir / "earlyapp", b.user) == [] and leftovers(b) == []
+
+    # Features never recorded (a peer not pinged since): the transfer waits for the ping.
+    _set_recorded_features(b, a.name, None)
+    assert recorded_features(b, a.name) == []
+    result = assert_ok(peerkit(b, "pull", a.name, "earlyapp", "--no-pre-backup"))
+    assert not any("alongside" in n for n in result["notes"]), result["notes"]
+    assert "zstd" in recorded_features(b, a.name)  # this pull's ping recorded them again
+
+    # The last ping offered no zstd and this one does: the plain stream
+    # started early goes, with what it wrote, for the compressed one asked for.
+    _set_recorded_features(b, a.name, "[]")
+    (a.apps_dir / "earlyapp" / "VERSION").write_bytes(b"2\n")
+    result = assert_ok(peerkit(b, "pull", a.name, "earlyapp", "--compress", "zstd", "--no-pre-backup"))
+    for text in (EARLY, CHANGED, "zstd compression: --compress zstd"):
+        assert text in result["notes"], result["notes"]
+    assert [s["name"] for s in result["stages"]].count("transfer") == 1, result["stages"]
+    assert same_tree(source, a.user, b.apps_dir / "earlyapp", b.user) == [] and leftovers(b) == []
+    assert "zstd" in recorded_features(b, a.name)
+
+
+def test_a_pull_of_a_missing_app_stops_the_stream_started_with_the_ping(world):
+    a, b = world.a, world.b
+    assert peerkit(b, "ping", a.name).returncode == 0
+    mark = len(a.audit_events())
+    run = peerkit(b, "pull", a.name, "noapp")
+    assert_failed(run, "no-such-app")
+    assert EARLY in run.result["notes"], run.result
+    assert leftovers(b) == [] and not (b.apps_dir / "noapp").exists()
+    # If the early stream-app reached A before it was stopped, A refused it: it has no such app.
+    events = [e for e in audit_tail(a, mark) if e.get("verb") == "stream-app"]
+    assert all(e["outcome"] == "no-such-app" for e in events), events
 
 
 # -- i. pre_stream / post_stream on the source ---------------------------------------------------

@@ -21,7 +21,7 @@ import contextlib
 import os
 import time
 from pathlib import Path
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, Collection
 
 from . import grammar
 from .archive import TarExtractor, check_tree
@@ -50,26 +50,28 @@ def ceiling(cfg: Config, size_kb: int) -> int:
 class _TarStream:
     """The peer's tar stream of one app, extracted into ``staging`` as it arrives.
 
-    ``run(conn)`` is the request (it may start alongside the ping, before the
-    app's size is known: ``max_bytes`` is then ``max_app_bytes`` until
-    ``limit()`` lowers it); ``finish()`` checks it arrived whole.
+    ``run(conn)`` is the request; ``finish()`` checks it arrived whole.
+    Without ``size_kb`` it starts alongside the ping, before the app's size
+    is known: held to ``max_app_bytes`` and to its head start until
+    ``limit()`` and ``go_on()``.
     """
 
-    def __init__(self, app: str, staging: Path, compressed: bool, max_bytes: int,
-                 progress: ProgressFn | None, *, early: bool = False) -> None:
+    def __init__(self, cfg: Config, app: str, staging: Path, compressed: bool,
+                 progress: ProgressFn | None, size_kb: int | None = None) -> None:
         keep_freed_memory()
         self.gate: Gate | None = None
-        if early:
+        if size_kb is None:
             st = os.statvfs(staging)
             head_start = min(_HEAD_START_BYTES, st.f_bavail * st.f_frsize // 4)
             self.gate = Gate(lambda: self.extracted >= head_start)
         self.compressed = compressed
         self.staging = staging
-        self.total: int | None = None  # unknown until the listing arrives
+        self.total: int | None = None if size_kb is None else size_kb * 1024  # None until the listing arrives
         self.extracted = 0
         self.started: float | None = None
         self.finished = False
         self._progress = progress
+        max_bytes = cfg.max_app_bytes if size_kb is None else ceiling(cfg, size_kb)
         self.extractor = TarExtractor(staging, max_bytes=max_bytes, background_flush=True)
         try:
             self.feeder = ZstdFeeder(self._extract) if compressed else None
@@ -167,12 +169,11 @@ async def _rsync_transfer(cfg: Config, conn: PeerConnection, app: str, staging: 
             raise UnsafeArchive(f"cannot check the received tree: {exc}") from None
 
 
-def _plan(cfg: Config, peer_config: dict[str, Any], features: Any, incremental: bool,
+def _plan(cfg: Config, peer_config: dict[str, Any], features: Collection[str], incremental: bool,
           compress: str) -> tuple[bool, bool, str]:
     """Return (use rsync, compress the tar stream, why) for a peer offering ``features``."""
     from .rsync import rsync_binary
 
-    features = features if isinstance(features, (list, frozenset, set)) else ()
     if incremental and rsync_binary() is not None and "rsync" in features:
         return True, False, ""
     compressed, why = choose(compress, host=peer_config["host"], link_mbps=cfg.link_mbps,
@@ -255,7 +256,7 @@ async def _pull(cfg: Config, peer_name: str, app: str, pre_backup: bool, keep_ur
                 calls.append(lambda conn: run_client(conn, app, staging, live))
                 report.notes.append("rsync started alongside the ping (the peer offered it last time)")
             elif plan is not None:
-                tar = _TarStream(app, receiver.new_staging(), plan[1], cfg.max_app_bytes, progress, early=True)
+                tar = _TarStream(cfg, app, receiver.new_staging(), plan[1], progress)
                 calls.append(tar.run)
                 report.notes.append("transfer started alongside the ping (the peer was reachable last time)")
             # list-apps goes out with the ping, on a second channel; its
@@ -299,8 +300,7 @@ async def _pull(cfg: Config, peer_name: str, app: str, pre_backup: bool, keep_ur
                     await _rsync_transfer(cfg, conn, app, staging, receiver.live, report, early)
                 else:
                     if tar is None:
-                        tar = _TarStream(app, staging, compressed, ceiling(cfg, entry["size_kb"]), progress)
-                        tar.total = entry["size_kb"] * 1024
+                        tar = _TarStream(cfg, app, staging, compressed, progress, entry["size_kb"])
                     await _tar_transfer(conn, tar, app, report, early)
                     started = tar.started or started
                 _remember_rate(cfg, peer_name, report.bytes, time.monotonic() - started, use_rsync)

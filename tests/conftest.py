@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +11,15 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Started in the background (`cmd &` in a script, nohup), this process
+    # ignores SIGINT, and so would every command it starts: the tests that
+    # stop a pull with Ctrl-C's signal would see it run to the end.  A
+    # handler of ours is not inherited, so commands start as a terminal's would.
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(autouse=True)

@@ -27,6 +27,7 @@ import json
 import os
 import queue
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -40,6 +41,7 @@ from typing import Any
 import pytest
 import yaml
 
+from peerkit.client import MAX_PACKET, WINDOW
 from tests import tarcraft
 from tests.support import sshd as harness
 from tests.trees import build_mixed_tree, diff, snapshot
@@ -172,7 +174,8 @@ def world():
         problem = harness.check_runs_as(users["a"], bin_dir / "peer-shell")
         if problem:
             pytest.fail(problem, pytrace=False)
-        server = harness.Sshd(root / "sshd", [u.name for u in users.values()])
+        # DEBUG2: sshd logs each channel's window and packet size (the flow control test).
+        server = harness.Sshd(root / "sshd", [u.name for u in users.values()], log_level="DEBUG2")
         server.start()
         inst = {role: harness.PeerkitInstance(users[role], f"site-{role}", server, bin_dir).init()
                 for role in ROLES}
@@ -894,6 +897,27 @@ def test_a_full_pull_starts_its_transfer_with_the_ping(world):
     assert [s["name"] for s in result["stages"]].count("transfer") == 1, result["stages"]
     assert same_tree(source, a.user, b.apps_dir / "earlyapp", b.user) == [] and leftovers(b) == []
     assert "zstd" in recorded_features(b, a.name)
+
+
+def test_every_channel_of_a_pull_asks_for_our_window_and_packet_size(world):
+    """Each channel a pull opens (ping, list-apps, stream-app, rsync) carries WINDOW and MAX_PACKET.
+
+    One opened without them gets asyncssh's defaults (2 MiB, 32 KiB): a
+    slower transfer; a larger window made the sending sshd buffer the excess
+    and burn CPU on it (README, Benchmarks).  sshd logs both values of every
+    session channel it is asked to open (LogLevel DEBUG2).
+    """
+    a, b = world.a, world.b
+    source = make_tree(a.apps_dir / "flowapp", {"VERSION": b"1\n"}, a.user)
+    offset = world.sshd.log_offset()
+    assert_ok(peerkit(b, "pull", a.name, "flowapp", "--no-pre-backup", "--compress", "none"))
+    (source / "VERSION").write_bytes(b"2\n")
+    as_owner(source, a.user)
+    result = assert_ok(peerkit(b, "pull", a.name, "flowapp", "--incremental", "--no-pre-backup"))
+    assert [s["name"] for s in result["stages"]].count("transfer") == 1
+    opened = re.findall(r"ctype session rchan \d+ win (\d+) max (\d+)", world.sshd.log_since(offset))
+    assert len(opened) == 6, opened  # ping, list-apps and the transfer, twice
+    assert set(opened) == {(str(WINDOW), str(MAX_PACKET))}, opened
 
 
 def test_a_pull_of_a_missing_app_stops_the_stream_started_with_the_ping(world):

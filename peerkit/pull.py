@@ -153,13 +153,23 @@ async def _rsync_transfer(cfg: Config, conn: PeerConnection, app: str, staging: 
 
     ``early`` is that rsync already started alongside the ping.
     """
-    from .rsync import run_client
+    from .rsync import LinkFarm, run_client
 
     with report.stage("transfer"):
-        if early is not None:
-            report.bytes = await early
-        else:
-            report.bytes = await run_client(conn, app, staging, live if live.is_dir() else None)
+        try:
+            if early is not None:
+                report.bytes = await early
+            else:
+                farm = LinkFarm(live, cfg.apps_dir, app) if live.is_dir() else None
+                try:
+                    report.bytes = await run_client(conn, app, staging, farm)
+                finally:
+                    if farm is not None:
+                        await farm.remove()
+        except OSError as exc:
+            # Here, not on the peer: the link farm or rsync's pipes could not be made.
+            raise_if_disk_full(exc, staging.parent)
+            raise TransferIncomplete(f"cannot run rsync here: {exc}") from None
     with report.stage("verify"):
         # rsync applied its own rules; ours are stricter (no escaping
         # symlinks, no special files, no setuid), so check what it wrote.
@@ -240,6 +250,7 @@ async def _pull(cfg: Config, peer_name: str, app: str, pre_backup: bool, keep_ur
     with Receiver(cfg, app, peer_name, report) as receiver:
         calls: list[Callable[[PeerConnection], Awaitable[Any]]] = [list_apps]
         tar: _TarStream | None = None
+        farm: Any = None  # the early rsync's LinkFarm
         with PeerStore(cfg.db_path) as store, report.stage("ping"):
             plan = _early_plan(cfg, store, peer_name, incremental, compress,
                                backup_due=pre_backup and receiver.live.exists())
@@ -249,11 +260,12 @@ async def _pull(cfg: Config, peer_name: str, app: str, pre_backup: bool, keep_ur
             # it, and what it wrote goes.  A tar stream is held to
             # max_app_bytes until the listing gives the app's size.
             if plan is not None and plan[0]:
-                from .rsync import run_client
+                from .rsync import LinkFarm, run_client
 
                 staging = receiver.new_staging()
-                live = receiver.live if receiver.live.is_dir() else None
-                calls.append(lambda conn: run_client(conn, app, staging, live))
+                # Filled by a thread while we connect.
+                farm = LinkFarm(receiver.live, cfg.apps_dir, app) if receiver.live.is_dir() else None
+                calls.append(lambda conn: run_client(conn, app, staging, farm))
                 report.notes.append("rsync started alongside the ping (the peer offered it last time)")
             elif plan is not None:
                 tar = _TarStream(cfg, app, receiver.new_staging(), plan[1], progress)
@@ -266,6 +278,8 @@ async def _pull(cfg: Config, peer_name: str, app: str, pre_backup: bool, keep_ur
             except BaseException:
                 if tar is not None:
                     tar.abort()
+                if farm is not None:
+                    await farm.remove()
                 raise
         early = started_early[0] if started_early else None
         async with conn:
@@ -289,6 +303,9 @@ async def _pull(cfg: Config, peer_name: str, app: str, pre_backup: bool, keep_ur
                     # relied on (rsync, zstd): start again the way it allows.
                     await _cancel(early)
                     early = None
+                    if farm is not None:
+                        await farm.remove()
+                        farm = None
                     if tar is not None:
                         tar.abort()
                         tar = None
@@ -308,6 +325,8 @@ async def _pull(cfg: Config, peer_name: str, app: str, pre_backup: bool, keep_ur
                 for future in (listing, early):
                     if future is not None:
                         await _cancel(future)
+                if farm is not None:
+                    await farm.remove()
                 if tar is not None and not tar.finished:
                     tar.abort()  # stopped before its checks passed (after its request: no more data)
         await receiver.flush()

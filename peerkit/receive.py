@@ -23,6 +23,7 @@ from .errors import PeerkitError, PeerRefused, TransferIncomplete
 from .install import Receiver, Report, log_transfer, raise_if_disk_full
 from .rsyncargs import RSYNC_PATH, rsync_binary
 from .state import Peer
+from .swap import farm_of
 
 _CHUNK = 1 << 20
 
@@ -41,13 +42,20 @@ def serve_rsync(cfg: Config, peer: Peer, request: Request, fds: tuple[int, int, 
         with Receiver(cfg, request.slug, peer.name, report) as receiver:
             receiver.backup(True, "", "pre-push")
             staging = receiver.new_staging()
-            live = receiver.live
-            # Unchanged files become hard links of the live app's; changed
-            # ones are new files: the live app is never written.
-            extra = (f"--link-dest={live}",) if live.is_dir() else ()
             with report.stage("transfer"):
-                status = subprocess.run(rsync_req.server_argv(rsync, str(staging), extra), env=env,
-                                        close_fds=True, stdin=fds[0], stdout=fds[1], stderr=fds[2]).returncode
+                # Unchanged files become hard links of the live app's,
+                # found in a farm of them that holds no symlink (see
+                # swap.link_farm); changed ones are new files: the live app
+                # is never written.
+                try:
+                    with farm_of(receiver.live, cfg.apps_dir, request.slug) as farm:
+                        extra = (f"--link-dest={farm}",) if farm is not None else ()
+                        status = subprocess.run(rsync_req.server_argv(rsync, str(staging), extra), env=env,
+                                                close_fds=True, stdin=fds[0], stdout=fds[1],
+                                                stderr=fds[2]).returncode
+                except OSError as exc:  # the farm could not be made here
+                    raise_if_disk_full(exc, staging.parent)
+                    raise TransferIncomplete(f"cannot prepare the rsync copy: {exc.strerror or exc}") from None
                 if status != 0:
                     raise TransferIncomplete(f"rsync exited {status}")
             with report.stage("verify"):

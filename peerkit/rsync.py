@@ -150,10 +150,48 @@ async def _carry(conn: PeerConnection, sock: socket.socket, app: str, pull: bool
     return bytes(err)
 
 
-async def run_client(conn: PeerConnection, app: str, staging: Path, live: Path | None) -> int:
-    """Pull ``app`` from the peer into ``staging`` with rsync; return the bytes received."""
+class LinkFarm:
+    """The live app's regular files hard-linked beside it, by a thread: what rsync's --link-dest reads.
+
+    Made (``swap.link_farm``) as soon as the pull knows it will use rsync (alongside the
+    connection, for an rsync started with the ping); ``remove()`` when
+    rsync has ended.  It is named like a staging directory, so a run that
+    was killed leaves nothing the next run (under the app lock) keeps.
+    """
+
+    def __init__(self, live: Path, apps_dir: Path, app: str) -> None:
+        from .swap import link_farm, new_staging
+
+        self.path = new_staging(apps_dir, app)
+        self._filled = asyncio.get_running_loop().run_in_executor(None, link_farm, live, self.path)
+
+    async def ready(self) -> None:
+        """Wait until it is filled (raise what stopped it)."""
+        await asyncio.shield(self._filled)
+
+    async def remove(self) -> None:
+        """Remove the farm once its thread has ended; never raises (a leftover goes on the next run)."""
+        from .swap import remove_tree
+
+        try:
+            with contextlib.suppress(Exception):  # what stopped it was reported by ready()
+                await asyncio.shield(self._filled)
+        finally:  # cancelled meanwhile: what the thread adds later goes with the next run's leftovers
+            with contextlib.suppress(OSError):
+                remove_tree(self.path)
+
+
+async def run_client(conn: PeerConnection, app: str, staging: Path, farm: LinkFarm | None) -> int:
+    """Pull ``app`` from the peer into ``staging`` with rsync; return the bytes received.
+
+    Files that did not change become hard links of the live app's, found
+    in ``farm`` (none for a first pull).
+    """
+    if farm is not None:
+        await farm.ready()
     out, _ = await _run(conn, app, True, lambda rsync, relay: client_argv(
-        rsync, relay, f"{HOST}:{app}/", f"{staging}/", pull=True, link_dest=live))
+        rsync, relay, f"{HOST}:{app}/", f"{staging}/", pull=True,
+        link_dest=farm.path if farm is not None else None))
     match = _RECEIVED.search(out)
     return int(match.group(1).replace(b",", b"")) if match else 0
 

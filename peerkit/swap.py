@@ -5,11 +5,13 @@ filesystem, never listed as an app).  The swap exchanges staging and live in
 one ``renameat2(RENAME_EXCHANGE)`` call, so there is no instant at which the
 app directory is missing; where the kernel or filesystem cannot exchange,
 two renames do it.  The parent directory is fsynced so the swap survives a
-crash.
+crash.  Incremental transfers find the files that did not change in a
+link farm (``link_farm``), also a staging directory beside the app.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import os
@@ -17,6 +19,7 @@ import secrets
 import shutil
 import stat
 from pathlib import Path
+from typing import Iterator
 
 from .atomicfile import fsync_dir
 
@@ -113,3 +116,113 @@ def remove_tree(path: Path) -> None:
             shutil.rmtree(path, onerror=unlock)
         else:
             os.unlink(path)
+
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+# A file we may not link (another user's, under fs.protected_hardlinks), one
+# at its link limit, on another filesystem, or gone meanwhile: rsync
+# transfers it instead.
+_SKIP_LINK = frozenset({errno.EPERM, errno.EACCES, errno.EMLINK, errno.EXDEV, errno.ENOENT})
+
+
+def link_farm(live: Path, farm: Path) -> int:
+    """Hard-link every regular file of ``live`` into the empty directory ``farm``; return how many.
+
+    rsync's ``--link-dest`` then looks up the peer's names in the farm, not
+    in the live app (pulls and pushes alike).  The live app may hold
+    symlinks its containers made (they write its data directory, often as
+    root), and a lookup of the peer's ``data/x/secret`` through
+    ``data/x -> /etc`` would hard-link a file from outside the app into the
+    new copy, for a peer that guessed its size, mtime and mode.  rsync
+    before 3.5 follows any symlink there; 3.5 refuses only those not owned
+    by root or by us.  The farm holds only
+    directories we made and regular files, so there is nothing to follow:
+    each source directory is opened relative to its parent with O_NOFOLLOW
+    (a directory swapped for a symlink meanwhile is skipped), files are
+    linked by name within directory fds, and the type of what was linked is
+    checked after linking (an inode's type never changes, so a file swapped
+    for a symlink between listing and linking is caught and dropped).  A
+    live app that is itself a symlink gives an empty farm: rsync then
+    copies every file.
+    """
+    count = 0
+    stack: list[tuple[int, int, list[str]]] = []
+
+    def enter(src: int, dst: int) -> None:
+        nonlocal count
+        subdirs = []
+        try:
+            with os.scandir(src) as entries:
+                for entry in entries:
+                    if entry.is_dir(follow_symlinks=False):
+                        subdirs.append(entry.name)
+                    elif entry.is_file(follow_symlinks=False):
+                        try:
+                            os.link(entry.name, entry.name, src_dir_fd=src, dst_dir_fd=dst, follow_symlinks=False)
+                        except OSError as exc:
+                            if exc.errno not in _SKIP_LINK:
+                                raise
+                            continue
+                        if not stat.S_ISREG(os.stat(entry.name, dir_fd=dst, follow_symlinks=False).st_mode):
+                            os.unlink(entry.name, dir_fd=dst)
+                            continue
+                        count += 1
+        except BaseException:
+            os.close(src)
+            os.close(dst)
+            raise
+        stack.append((src, dst, subdirs))
+
+    try:
+        top = os.open(live, _DIR_FLAGS)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+            return 0
+        raise
+    try:
+        made = os.open(farm, _DIR_FLAGS)
+    except BaseException:
+        os.close(top)
+        raise
+    try:
+        enter(top, made)
+        while stack:
+            src, dst, subdirs = stack[-1]
+            if not subdirs:
+                stack.pop()
+                os.close(src)
+                os.close(dst)
+                continue
+            name = subdirs.pop()
+            try:
+                sub = os.open(name, _DIR_FLAGS, dir_fd=src)
+            except OSError as exc:
+                if exc.errno in (errno.ELOOP, errno.ENOTDIR, errno.ENOENT, errno.EACCES):
+                    continue  # gone, swapped for a symlink, or not ours to read
+                raise
+            try:
+                os.mkdir(name, 0o700, dir_fd=dst)
+                made = os.open(name, _DIR_FLAGS, dir_fd=dst)
+            except BaseException:
+                os.close(sub)
+                raise
+            enter(sub, made)
+    finally:
+        for src, dst, _ in stack:
+            os.close(src)
+            os.close(dst)
+    return count
+
+
+@contextlib.contextmanager
+def farm_of(live: Path, apps_dir: Path, app: str) -> Iterator[Path | None]:
+    """Give a filled link farm of ``live`` beside it (None when there is no live app); remove it after."""
+    if not live.is_dir():
+        yield None
+        return
+    farm = new_staging(apps_dir, app)
+    try:
+        link_farm(live, farm)
+        yield farm
+    finally:
+        remove_tree(farm)

@@ -16,8 +16,11 @@ import sys
 import pytest
 
 from peerkit.errors import PeerkitError, SessionRefused
-from peerkit.rsync import HOST, RELAY, _relay_request, checked_command, client_argv, relay_command, run_client
+from peerkit.rsync import (HOST, RELAY, LinkFarm, _relay_request, checked_command, client_argv, relay_command,
+                           run_client)
 from peerkit.rsyncargs import rsync_binary
+
+from tests.trees import make_tree
 
 CAPS = "e.iLsfxCIvu"
 PULL = ["rsync", "--server", "--sender", f"-lHogtpr{CAPS}", "--numeric-ids", ".", "app/"]
@@ -161,3 +164,29 @@ def test_cancelling_mid_request_ends_rsync_and_its_relay_instead_of_waiting_for_
 
     asyncio.run(run())
     assert _relays() == before
+
+
+# -- the link farm, filled by a thread while the pull connects --------------------------------------
+
+def test_a_farm_that_cannot_be_filled_says_so_and_goes(tmp_path):
+    async def main():
+        farm = LinkFarm(tmp_path / "no-such-app", tmp_path, "app")
+        assert farm.path.is_dir() and farm.path.name.startswith(".peerkit-staging-app-")
+        with pytest.raises(FileNotFoundError):
+            await farm.ready()
+        await farm.remove()
+        assert not farm.path.exists()
+
+    asyncio.run(main())
+
+
+def test_a_farm_removed_while_it_fills_waits_for_its_thread(tmp_path):
+    live = make_tree(tmp_path / "live", {f"d{i:02d}/f{j}": b"x" for i in range(40) for j in range(25)})
+
+    async def main():
+        farm = LinkFarm(live, tmp_path, "app")
+        await farm.remove()  # at once: the thread has barely begun
+        assert not farm.path.exists()
+        assert all(os.stat(live / f"d{i:02d}" / "f0").st_nlink == 1 for i in range(40))
+
+    asyncio.run(main())

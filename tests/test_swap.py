@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import pwd
+import resource
 import shutil
 import stat
 import subprocess
@@ -16,9 +17,9 @@ from pathlib import Path
 import pytest
 
 from peerkit import swap
-from peerkit.swap import ASIDE_PREFIX, STAGING_PREFIX, leftovers, new_staging, remove_tree, swap_in
+from peerkit.swap import ASIDE_PREFIX, STAGING_PREFIX, farm_of, leftovers, link_farm, new_staging, remove_tree, swap_in
 
-from tests.trees import diff, snapshot
+from tests.trees import diff, make_tree, snapshot
 
 ROOT = Path(__file__).resolve().parent.parent
 T0 = 1_600_000_000
@@ -319,3 +320,100 @@ def test_remove_tree_locked_dirs_as_non_root() -> None:
         assert diff(snapshot(outside), before) == []
     finally:
         shutil.rmtree(base, ignore_errors=True)
+
+
+# -- the link farm: what --link-dest reads instead of the live app ---------------------------------
+
+def test_the_farm_hard_links_every_regular_file_and_makes_its_own_directories(tmp_path):
+    live = make_tree(tmp_path / "live", {"a.txt": b"a", "d/b.txt": b"b", "d/e/c.txt": b"c", "empty": None})
+    farm = tmp_path / "farm"
+    farm.mkdir()
+    assert link_farm(live, farm) == 3
+    for rel in ("a.txt", "d/b.txt", "d/e/c.txt"):
+        assert os.stat(farm / rel).st_ino == os.stat(live / rel).st_ino
+    for rel in ("d", "d/e", "empty"):
+        st = os.lstat(farm / rel)
+        # Directories of our own (new inodes, private), never the live ones.
+        assert stat.S_ISDIR(st.st_mode) and st.st_ino != os.stat(live / rel).st_ino
+        assert stat.S_IMODE(st.st_mode) == 0o700
+
+
+def test_the_farm_holds_no_symlink_and_never_goes_through_one(tmp_path):
+    """A symlink planted in the live app (a container writing its data directory) stays out of the farm.
+
+    Otherwise rsync's --link-dest lookup of the peer's ``data/x/secret`` would
+    follow ``data/x -> outside`` and hard-link a file from outside the app
+    into the new copy, for a peer that guessed its size and mtime.
+    """
+    outside = make_tree(tmp_path / "outside", {"secret": b"not the app's"})
+    live = make_tree(tmp_path / "live", {"data/kept": b"k", "data/x": ("link", str(outside)),
+                                         "data/file-link": ("link", str(outside / "secret")),
+                                         "data/rel": ("link", "kept")})
+    os.mkfifo(live / "data" / "fifo")
+    farm = tmp_path / "farm"
+    farm.mkdir()
+    assert link_farm(live, farm) == 1
+    assert sorted(os.listdir(farm / "data")) == ["kept"]
+    assert os.stat(outside / "secret").st_nlink == 1
+
+
+def test_a_live_app_that_is_itself_a_symlink_gives_an_empty_farm(tmp_path):
+    real = make_tree(tmp_path / "real", {"a": b"a"})
+    os.symlink(real, tmp_path / "live")
+    farm = tmp_path / "farm"
+    farm.mkdir()
+    assert link_farm(tmp_path / "live", farm) == 0  # rsync copies every file
+    assert os.listdir(farm) == [] and os.stat(real / "a").st_nlink == 1
+
+
+def test_a_farm_of_a_deep_tree_keeps_few_descriptors_open(tmp_path):
+    # Directories are walked one branch at a time: open descriptors grow
+    # with the depth of the tree, not with the number of directories.
+    live = make_tree(tmp_path / "live", {f"d{i:03d}/f": b"x" for i in range(300)})
+    farm = tmp_path / "farm"
+    farm.mkdir()
+    before = len(os.listdir("/proc/self/fd"))
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (before + 32, hard))
+    try:
+        assert link_farm(live, farm) == 300
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert len(os.listdir("/proc/self/fd")) == before
+
+
+def test_farm_of_gives_a_filled_farm_and_removes_it(tmp_path):
+    apps = tmp_path / "apps"
+    live = make_tree(apps / "app", {"a": b"a", "d/b": b"b"})
+    with farm_of(live, apps, "app") as farm:
+        assert farm is not None and farm.parent == apps and farm.name.startswith(".peerkit-staging-app-")
+        assert os.stat(farm / "d" / "b").st_ino == os.stat(live / "d" / "b").st_ino
+    assert not farm.exists() and os.stat(live / "a").st_nlink == 1
+    with farm_of(apps / "new", apps, "new") as none:
+        assert none is None
+    # Removed when the transfer using it fails, too.
+    with pytest.raises(RuntimeError):
+        with farm_of(live, apps, "app") as farm:
+            raise RuntimeError("rsync failed")
+    assert not farm.exists()
+
+
+@pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="needs a second filesystem (/dev/shm)")
+def test_a_farm_across_filesystems_links_nothing_and_fails_nothing(tmp_path):
+    # An app directory that is a mount point: rsync copies its files instead.
+    with tempfile.TemporaryDirectory(dir="/dev/shm") as other:
+        if os.stat(other).st_dev == os.stat(tmp_path).st_dev:
+            pytest.skip("/dev/shm is on the same filesystem here")
+        live = make_tree(Path(other) / "live", {"a": b"a", "d/b": b"b"})
+        farm = tmp_path / "farm"
+        farm.mkdir()
+        assert link_farm(live, farm) == 0
+        assert os.listdir(farm) == ["d"] and os.listdir(farm / "d") == []
+
+
+def test_a_farm_that_cannot_be_opened_leaves_no_descriptor_open(tmp_path):
+    live = make_tree(tmp_path / "live", {"a": b"a"})
+    before = sorted(os.listdir("/proc/self/fd"))
+    with pytest.raises(FileNotFoundError):
+        link_farm(live, tmp_path / "no-farm")
+    assert sorted(os.listdir("/proc/self/fd")) == before

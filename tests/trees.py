@@ -12,6 +12,7 @@ import hashlib
 import os
 import random
 import stat
+from pathlib import Path
 from typing import Any
 
 _CHUNK = 1 << 20
@@ -160,3 +161,17 @@ def build_mixed_tree(root: str | os.PathLike, *, big_size: int = 20 << 20,
         os.chmod(j(d), modes.get(d, 0o755))
         ns = (t0 + rng.randrange(10**8)) * 1_000_000_000
         os.utime(j(d), ns=(ns, ns))
+
+
+def make_tree(root: Path, entries: dict[str, Any]) -> Path:
+    """Create ``root`` from {relpath: bytes | None (a directory) | ("link", target)}; return it."""
+    for rel, body in entries.items():
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if body is None:
+            path.mkdir()
+        elif isinstance(body, tuple):
+            os.symlink(body[1], path)
+        else:
+            path.write_bytes(body)
+    return root

@@ -609,8 +609,9 @@ def test_incremental_pull_moves_only_what_changed(world):
     assert stages["backup"] == "ok" and stages["transfer"] == "ok" and stages["verify"] == "ok"
     # Unchanged files are hard links of the previous live files (link-dest seeding);
     # the changed one is a new file, and the old live file was never written.
+    # Symlinks are made anew: the link farm rsync reads holds none.
     new_inodes = inodes(live)
-    unchanged = set(new_inodes) - {changed, added}
+    unchanged = {rel for rel in set(new_inodes) - {changed, added} if not (live / rel).is_symlink()}
     assert unchanged and {rel: new_inodes[rel] for rel in unchanged} == {rel: old_inodes[rel] for rel in unchanged}
     assert new_inodes[changed] != old_inodes[changed]
     assert kept.read_bytes() == old_content and os.stat(kept).st_ino == old_inodes[changed]
@@ -675,7 +676,8 @@ def test_incremental_push_moves_only_what_changed(world):
     new_backups = sorted(set(backups(a, "pushbig")) - set(made))
     assert len(new_backups) == 1 and "-pre-push.tar." in new_backups[0], new_backups
     new_inodes = inodes(target)
-    unchanged = set(new_inodes) - {changed, added}
+    # Symlinks are made anew: the link farm rsync reads holds none.
+    unchanged = {rel for rel in set(new_inodes) - {changed, added} if not (target / rel).is_symlink()}
     assert {rel: new_inodes[rel] for rel in unchanged} == {rel: old_inodes[rel] for rel in unchanged}
     assert new_inodes[changed] != old_inodes[changed]
     assert kept.read_bytes() == old_content
@@ -713,6 +715,57 @@ def test_incremental_transfers_check_what_rsync_wrote(world):
     assert_failed(run, "unsafe-archive")
     assert snapshot(target) == before and leftovers(a) == []
     assert hook_lines(world, "linkpush") == []  # never stopped: refused before the swap
+
+
+def test_an_incremental_pull_never_links_through_a_symlink_planted_in_the_live_app(world):
+    """rsync's --link-dest reads a farm of our own hard links, never the live tree.
+
+    The app's container swaps ``data/x`` for a symlink to a directory
+    outside the app holding a file of the same size, mtime and mode as the
+    peer's ``data/x/secret.txt``.  A lookup through the live tree would
+    hard-link that outside file into the new copy: with rsync 3.5 when the
+    symlink is root's (a container running as root), with older rsync
+    whoever owns it.
+    """
+    a, b = world.a, world.b
+    source = make_tree(a.apps_dir / "plant", {"top.txt": b"t\n", "data/x": None,
+                                              "data/x/secret.txt": b"peer version 1\n"}, a.user)
+    assert_ok(peerkit(b, "pull", a.name, "plant"))
+    live = b.apps_dir / "plant"
+    outside = make_tree(world.root / "outside-plant", {"secret.txt": b"HOST SECRET!!!\n"}, b.user)
+    assert os.path.getsize(outside / "secret.txt") == os.path.getsize(source / "data/x/secret.txt")
+
+    # rsync started with the ping, and after the backup; the symlink root's, then another user's
+    for flags, owner in ((["--no-pre-backup"], 0), ([], 0), (["--no-pre-backup"], 65534)):
+        if (live / "data" / "x").is_dir() and not (live / "data" / "x").is_symlink():
+            shutil.rmtree(live / "data" / "x")
+        os.symlink(outside, live / "data" / "x")
+        os.chown(live / "data" / "x", owner, owner, follow_symlinks=False)
+        result = assert_ok(peerkit(b, "pull", a.name, "plant", "--incremental", *flags))
+        assert any("alongside the ping" in n for n in result["notes"]) == bool(flags), result["notes"]
+        assert not (live / "data" / "x").is_symlink()
+        assert (live / "data/x/secret.txt").read_bytes() == b"peer version 1\n"
+        assert os.stat(outside / "secret.txt").st_nlink == 1
+        assert (outside / "secret.txt").read_bytes() == b"HOST SECRET!!!\n"
+        assert same_tree(source, a.user, live, b.user) == [] and leftovers(b) == []
+
+
+def test_an_incremental_push_never_links_through_a_symlink_planted_in_the_receivers_app(world):
+    """The receiving side's rsync reads a link farm too (peer-shell's rsync receive)."""
+    a, b = world.a, world.b
+    peerkit(a, "allow", b.name, "--push")
+    source = make_tree(b.apps_dir / "plantpush", {"top.txt": b"t\n", "data/x": None,
+                                                  "data/x/secret.txt": b"peer version 1\n"}, b.user)
+    assert_ok(peerkit(b, "push", a.name, "plantpush"))
+    target = a.apps_dir / "plantpush"
+    outside = make_tree(world.root / "outside-plantpush", {"secret.txt": b"HOST SECRET!!!\n"}, a.user)
+    shutil.rmtree(target / "data" / "x")
+    os.symlink(outside, target / "data" / "x")
+    os.chown(target / "data" / "x", 0, 0, follow_symlinks=False)  # a container running as root
+    assert_ok(peerkit(b, "push", a.name, "plantpush", "--incremental"))
+    assert (target / "data/x/secret.txt").read_bytes() == b"peer version 1\n"
+    assert os.stat(outside / "secret.txt").st_nlink == 1
+    assert same_tree(source, b.user, target, a.user) == [] and leftovers(a) == []
 
 
 # -- f. hostile rsync requests through the real sshd -------------------------------------------------

@@ -31,6 +31,7 @@ from .sshimport import asyncssh
 from .client import MAX_PACKET, MAX_STDERR, WINDOW, PeerConnection, StreamResult, raise_remote, remote_error
 from .errors import PeerkitError, SessionRefused, TransferIncomplete
 from .rsyncargs import RSYNC_PATH, parse_rsync, rsync_binary
+from .swap import link_farm, new_staging, remove_tree
 
 RELAY = Path(__file__).with_name("rsyncrelay.py")
 # The host part of rsync's remote path: only ever handed back to us by the relay.
@@ -153,15 +154,13 @@ async def _carry(conn: PeerConnection, sock: socket.socket, app: str, pull: bool
 class LinkFarm:
     """The live app's regular files hard-linked beside it, by a thread: what rsync's --link-dest reads.
 
-    Made (``swap.link_farm``) as soon as the pull knows it will use rsync (alongside the
-    connection, for an rsync started with the ping); ``remove()`` when
-    rsync has ended.  It is named like a staging directory, so a run that
+    Made (``swap.link_farm``) as soon as the pull knows it will use rsync
+    (alongside the connection, for an rsync started with the ping);
+    ``remove()`` when rsync has ended.  It is named like a staging directory, so a run that
     was killed leaves nothing the next run (under the app lock) keeps.
     """
 
     def __init__(self, live: Path, apps_dir: Path, app: str) -> None:
-        from .swap import link_farm, new_staging
-
         self.path = new_staging(apps_dir, app)
         self._filled = asyncio.get_running_loop().run_in_executor(None, link_farm, live, self.path)
 
@@ -171,8 +170,6 @@ class LinkFarm:
 
     async def remove(self) -> None:
         """Remove the farm once its thread has ended; never raises (a leftover goes on the next run)."""
-        from .swap import remove_tree
-
         try:
             with contextlib.suppress(Exception):  # what stopped it was reported by ready()
                 await asyncio.shield(self._filled)

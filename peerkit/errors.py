@@ -290,6 +290,20 @@ class NoSpace(PeerkitError):
     exit_code = 58
 
 
+class AgentSocket(PeerkitError):
+    """The agent's socket cannot be used safely."""
+
+    code = "agent-socket"
+    exit_code = 60
+
+
+class AgentLost(PeerkitError):
+    """The agent stopped before the command finished; its outcome is unknown (see the agent's log)."""
+
+    code = "agent-lost"
+    exit_code = 61
+
+
 class Interrupted(PeerkitError):
     """Interrupted; the local app is unchanged or was restored."""
 

@@ -1,4 +1,4 @@
-"""systemd units for an instance: the embedded server, health checks, scheduled pulls, the web UI.
+"""systemd units for an instance: the embedded server, health checks, scheduled pulls, the web UI, the agent.
 
 The templates live in the repository's ``systemd/`` directory (installed to
 ``<prefix>/share/peerkit/systemd``); ``peerkit systemd install`` fills in
@@ -18,7 +18,7 @@ from .config import Config
 from .errors import PeerkitError
 
 UNITS = ("peerkit-serve.service", "peerkit-health.service", "peerkit-health.timer",
-         "peerkit-pull@.service", "peerkit-pull@.timer", "peerkit-web.service")
+         "peerkit-pull@.service", "peerkit-pull@.timer", "peerkit-web.service", "peerkit-agent.service")
 
 
 def template_dir() -> Path:

@@ -1,4 +1,4 @@
-"""`peerkit systemd install`: the six units, with this instance's paths, hardened, accepted by systemd.
+"""`peerkit systemd install`: the seven units, with this instance's paths, hardened, accepted by systemd.
 
 The scheduled pull's command line is not only read but run: ExecStart of
 peerkit-pull@.service with ``%i`` = ``beta:nextcloud``, split the way
@@ -29,6 +29,8 @@ from tests.support import ci
 
 PEERKIT = Path(sys.executable).parent / "peerkit"
 SERVICES = [name for name in UNITS if name.endswith(".service")]
+# The agent runs commands as its user's shell would (README): not sandboxed, on purpose.
+SANDBOXED = [name for name in SERVICES if name != "peerkit-agent.service"]
 HARDENING = ("NoNewPrivileges=yes", "ProtectSystem=strict", "PrivateTmp=yes",
              "RestrictAddressFamilies=AF_INET AF_INET6 AF_UNIX", "SystemCallFilter=@system-service")
 SYSTEMD_ANALYZE = shutil.which("systemd-analyze", path="/usr/bin:/bin:/usr/sbin:/sbin")
@@ -62,12 +64,13 @@ def units(instance, tmp_path, peerkit) -> dict[str, str]:
     return install(peerkit, instance.path, tmp_path / "units")
 
 
-def test_install_writes_all_six_units_with_this_instances_paths(instance, units, tmp_path):
+def test_install_writes_all_seven_units_with_this_instances_paths(instance, units, tmp_path):
     import grp
     import pwd
 
     assert sorted(units) == sorted(["peerkit-serve.service", "peerkit-health.service", "peerkit-health.timer",
-                                    "peerkit-pull@.service", "peerkit-pull@.timer", "peerkit-web.service"])
+                                    "peerkit-pull@.service", "peerkit-pull@.timer", "peerkit-web.service",
+                                    "peerkit-agent.service"])
     for name, text in units.items():
         assert "@" not in text.replace("peerkit-pull@", "").replace("@system-service", ""), (name, text)
         assert (tmp_path / "units" / name).stat().st_mode & 0o777 == 0o644
@@ -78,6 +81,7 @@ def test_install_writes_all_six_units_with_this_instances_paths(instance, units,
         "peerkit-health.service": [prefix + "ping --all"],
         "peerkit-pull@.service": [prefix + "pull --incremental --no-progress %i"],
         "peerkit-web.service": [prefix + "web"],
+        "peerkit-agent.service": [prefix + "agent --socket %t/peerkit-agent/agent.sock"],
         "peerkit-health.timer": [], "peerkit-pull@.timer": [],
     }
     user, group = pwd.getpwuid(os.geteuid()).pw_name, grp.getgrgid(os.getegid()).gr_name
@@ -95,7 +99,7 @@ def test_install_writes_all_six_units_with_this_instances_paths(instance, units,
     assert "WantedBy=multi-user.target" in units["peerkit-serve.service"]
 
 
-@pytest.mark.parametrize("name", SERVICES)
+@pytest.mark.parametrize("name", SANDBOXED)
 def test_every_service_is_hardened(units, name):
     lines = units[name].splitlines()
     for setting in HARDENING:
@@ -103,11 +107,21 @@ def test_every_service_is_hardened(units, name):
     assert "ProtectHome=read-only" in lines and "UMask=0077" in lines
 
 
+def test_the_agent_gets_a_private_socket_directory_and_waits_for_its_workers(units):
+    lines = units["peerkit-agent.service"].splitlines()
+    # %t/peerkit-agent is made for the service, mode 0700: the agent refuses a
+    # directory others can write to, and the socket is the agent's user's only.
+    assert "RuntimeDirectory=peerkit-agent" in lines and "RuntimeDirectoryMode=0700" in lines
+    # SIGTERM to the agent alone, which stops its workers cleanly and waits for them.
+    assert "KillMode=mixed" in lines and "Restart=always" in lines
+    assert not any(line.startswith(("ProtectSystem", "ProtectHome", "PrivateTmp")) for line in lines)
+
+
 def test_user_mode_has_no_user_or_group_lines(instance, tmp_path, peerkit):
     units = install(peerkit, instance.path, tmp_path / "user-units", "--user")
     for name, text in units.items():
         assert not re.search(r"^(User|Group)=", text, re.MULTILINE), name
-    for name in SERVICES:
+    for name in SANDBOXED:
         for setting in HARDENING:
             assert setting in units[name].splitlines(), (name, setting)
     # A user manager has no multi-user.target: the services hang off default.target.
@@ -131,6 +145,7 @@ VERIFY_AS = {
     "peerkit-health.service": "peerkit-health.service",
     "peerkit-health.timer": "peerkit-health.timer",
     "peerkit-web.service": "peerkit-web.service",
+    "peerkit-agent.service": "peerkit-agent.service",
     "peerkit-pull@.service": "peerkit-pull@beta\\x3anextcloud.service",
     "peerkit-pull@.timer": "peerkit-pull@beta\\x3anextcloud.timer",
 }

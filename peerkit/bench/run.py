@@ -1,9 +1,11 @@
 """Set up two instances behind a real sshd, run each case alternating peerkit and its baseline, report.
 
-Each case yields one row: medians, min and max of both sides (alternated
+Each case yields a row: medians, min and max of both sides (alternated
 ABAB..., the first side swapping every iteration), the ratio of medians and
-whether the issue's target is met.  Results go to ``OUT/results.json`` and
-``OUT/results.md``; the table is printed at the end.
+whether the issue's target is met.  The pull cases also run peerkit's side
+through a `peerkit agent` in the same rotation (ABC, BCA, CAB, ...) and
+yield a second row for it, against the same baseline runs.  Results go to
+``OUT/results.json`` and ``OUT/results.md``; the table is printed at the end.
 """
 
 from __future__ import annotations
@@ -132,15 +134,28 @@ def timed(user: harness.ThrowawayUser, argv: list[str], *, env: dict | None = No
 def alternate(runs: int, a: Callable[[], float], b: Callable[[], float], row: Row,
               before: Callable[[str], None] | None = None) -> None:
     """ABAB...: iteration i runs A then B when i is even, B then A when odd."""
+    rotate(runs, [("a", row.a_name, a, row.a), ("b", row.b_name, b, row.b)], row.case, row.unit, before)
+
+
+Side = tuple[str, str, Callable[[], float], list[float]]  # key for `before`, name, run it, its values
+
+
+def rotate(runs: int, sides: list[Side], case: str, unit: str, before: Callable[[str], None] | None = None) -> None:
+    """Run every side once per iteration, the order rotated by one each time (AB BA; ABC BCA CAB ...)."""
     for i in range(runs):
-        order = [("a", a), ("b", b)] if i % 2 == 0 else [("b", b), ("a", a)]
-        for side, fn in order:
+        k = i % len(sides)
+        for key, name, fn, values in sides[k:] + sides[:k]:
             if before is not None:
-                before(side)
+                before(key)
             value = fn()
-            (row.a if side == "a" else row.b).append(value)
-            print(f"  [{row.case}] run {i + 1}/{runs} {row.a_name if side == 'a' else row.b_name}: "
-                  f"{value:.4g} {row.unit}", flush=True)
+            values.append(value)
+            print(f"  [{case}] run {i + 1}/{runs} {name}: {value:.4g} {unit}", flush=True)
+
+
+def agent_row(row: Row, values: list[float], a_name: str) -> Row:
+    """The same case with `peerkit agent` running: peerkit's side from ``values``, the same baseline runs."""
+    return Row(row.case + "+agent", "same, with `peerkit agent` running (PEERKIT_AGENT set: no process start)",
+               a_name, row.b_name, unit=row.unit, a=values, b=row.b, target=row.target)
 
 
 # -- deterministic data ---------------------------------------------------------------
@@ -288,6 +303,7 @@ class Env:
         self.servers: list = []
         self.netns: list[str] = []
         self._main = None
+        self._agent: BenchAgent | None = None
 
     def user(self) -> harness.ThrowawayUser:
         u = harness.ThrowawayUser.create(self.root, prefix="pkb")
@@ -307,6 +323,12 @@ class Env:
             self._main = (sshd, alpha, beta)
         return self._main
 
+    def agent(self) -> "BenchAgent":
+        """`peerkit agent` as beta's user, started on first use."""
+        if self._agent is None:
+            self._agent = BenchAgent(self.main()[2])
+        return self._agent
+
     def discard(self, path: Path) -> None:
         """Move ``path`` out of the way; it is deleted with everything else at the end.
 
@@ -325,6 +347,8 @@ class Env:
             drop(path)
 
     def close(self) -> None:
+        if self._agent is not None:
+            self._agent.close()
         for s in self.servers:
             with contextlib.suppress(Exception):
                 s.stop()
@@ -379,7 +403,7 @@ def fresh_dir(path: Path, user: harness.ThrowawayUser) -> Path:
 
 # -- cases ---------------------------------------------------------------------------
 
-def case_full(env: Env, sizes: Sizes, runs: int, small: bool) -> Row:
+def case_full(env: Env, sizes: Sizes, runs: int, small: bool) -> list[Row]:
     sshd, alpha, beta = env.main()
     if small:
         slug, label = "small-files", f"full pull, {sizes.small_files:,} files of 4 KiB in {sizes.small_dirs} dirs"
@@ -398,22 +422,32 @@ def case_full(env: Env, sizes: Sizes, runs: int, small: bool) -> Row:
         settle_disk()
 
     flushes: list[float] = []
+    agent = env.agent()
 
-    def pull() -> float:
-        res = timed(beta.user, pull_argv(beta, "site-a", slug, "--compress", "none"))
-        flushes.append(stage_seconds(res.out, "flush"))
+    def pull(via_agent: bool = False) -> float:
+        res = timed(beta.user, pull_argv(beta, "site-a", slug, "--compress", "none"),
+                    env=agent.env if via_agent else None)
+        if not via_agent:
+            flushes.append(stage_seconds(res.out, "flush"))
         return res.seconds
 
-    alternate(runs, pull, lambda: timed(beta.user, ssh_tar_argv(beta, alpha, slug, dest)).seconds, row, before)
+    with_agent: list[float] = []
+    served = agent.served()
+    rotate(runs, [("a", row.a_name, pull, row.a), ("agent", "peerkit pull (agent)", lambda: pull(True), with_agent),
+                  ("b", row.b_name, lambda: timed(beta.user, ssh_tar_argv(beta, alpha, slug, dest)).seconds, row.b)],
+           row.case, row.unit, before)
+    agent.check(served, runs)
     # What writing the copy to disk before the swap costs (the baseline does not).
     row.extra["flush_stage_seconds"] = flushes
     row.note = f"of which flush (syncfs before the swap) {statistics.median(flushes):.2f} s median"
     env.discard(dest)
     env.discard(beta.apps_dir / slug)
     env.discard(alpha.apps_dir / slug)
-    row.ratio = statistics.median(row.a) / statistics.median(row.b)
-    row.met = row.ratio <= 1.0
-    return row
+    rows = [row, agent_row(row, with_agent, "peerkit pull (agent)")]
+    for r in rows:
+        r.ratio = statistics.median(r.a) / statistics.median(r.b)
+        r.met = r.ratio <= 1.0
+    return rows
 
 
 def _mutator(app: Path):
@@ -441,22 +475,36 @@ def _incr_setup(env: Env, sizes: Sizes):
     return sshd, alpha, beta, slug, app
 
 
-def case_incr_vs_full(env: Env, sizes: Sizes, runs: int) -> Row:
+def case_incr_vs_full(env: Env, sizes: Sizes, runs: int) -> list[Row]:
     sshd, alpha, beta, slug, app = _incr_setup(env, sizes)
     change = _mutator(app)
     row = Row("incr-vs-full", f"re-pull after changing one 1 MiB file of the {sizes.incr_set / MiB:,.0f} MiB set "
               f"({sizes.incr_set // MiB} files of 1 MiB)", "peerkit pull --incremental", "peerkit pull (full)",
               target="≥ 10× faster")
+    agent = env.agent()
+    # Both sides through the agent too: a deployment with the agent has it for both.
+    with_agent = Row(row.case + "+agent", "same, with `peerkit agent` running (PEERKIT_AGENT set: no process start)",
+                     "peerkit pull --incremental (agent)", "peerkit pull (full, agent)", target=row.target)
     stages: list[dict[str, float]] = []
-    alternate(runs, lambda: incremental_pull(beta, slug, stages),
-              lambda: timed(beta.user, pull_argv(beta, "site-a", slug, "--compress", "none")).seconds,
-              row, lambda side: change())
-    row.ratio = statistics.median(row.a) / statistics.median(row.b)
-    row.met = 1 / row.ratio >= 10
-    row.note = f"speed-up {1 / row.ratio:.2f}×"
-    row.extra["incremental_stage_seconds"] = stage_medians(stages)
-    row.note += "; " + stage_note(row.extra["incremental_stage_seconds"])
-    return row
+    agent_stages: list[dict[str, float]] = []
+
+    def full(via_agent: bool) -> float:
+        return timed(beta.user, pull_argv(beta, "site-a", slug, "--compress", "none"),
+                     env=agent.env if via_agent else None).seconds
+
+    served = agent.served()
+    rotate(runs, [("a", row.a_name, lambda: incremental_pull(beta, slug, stages), row.a),
+                  ("b", row.b_name, lambda: full(False), row.b),
+                  ("agent-a", with_agent.a_name, lambda: incremental_pull(beta, slug, agent_stages, agent), with_agent.a),
+                  ("agent-b", with_agent.b_name, lambda: full(True), with_agent.b)],
+           row.case, row.unit, lambda side: change())
+    agent.check(served, 2 * runs)
+    for r, st in ((row, stages), (with_agent, agent_stages)):
+        r.ratio = statistics.median(r.a) / statistics.median(r.b)
+        r.met = 1 / r.ratio >= 10
+        r.extra["incremental_stage_seconds"] = stage_medians(st)
+        r.note = f"speed-up {1 / r.ratio:.2f}×; " + stage_note(r.extra["incremental_stage_seconds"])
+    return [row, with_agent]
 
 
 def stage_note(medians: dict[str, float]) -> str:
@@ -465,43 +513,43 @@ def stage_note(medians: dict[str, float]) -> str:
     return "stage medians, ms: " + ", ".join(parts) if parts else "no stage times"
 
 
-def incremental_pull(beta: harness.PeerkitInstance, slug: str, stages: list[dict[str, float]]) -> float:
-    """Run one `peerkit pull --incremental`; keep its stage times; return its seconds."""
-    res = timed(beta.user, pull_argv(beta, "site-a", slug, "--incremental"))
+def incremental_pull(beta: harness.PeerkitInstance, slug: str, stages: list[dict[str, float]],
+                     agent: "BenchAgent | None" = None) -> float:
+    """Run one `peerkit pull --incremental` (through ``agent`` if given); keep its stage times; return its seconds."""
+    res = timed(beta.user, pull_argv(beta, "site-a", slug, "--incremental"), env=agent.env if agent else None)
     stages.append(stages_of(res.out))
     return res.seconds
 
 
-class Resident:
-    """`peerkit.bench.resident` as ``inst``'s user: incremental pulls of ``app`` in one process that stays up."""
+class BenchAgent:
+    """`peerkit agent` running as ``inst``'s user (tests/support/agent.py); ``env`` makes `peerkit` use it."""
 
-    def __init__(self, inst: harness.PeerkitInstance, peer: str, app: str) -> None:
-        import tempfile
-        # stderr to a file: a pipe nobody reads while we wait for stdout could fill.
-        self.err = tempfile.TemporaryFile()
-        self.proc = inst.user.popen([sys.executable, "-m", "peerkit.bench.resident", str(inst.config_path), peer, app],
-                                    env=inst.user.env(extra_path=[harness.venv_bin()]), stdin=subprocess.PIPE,
-                                    stdout=subprocess.PIPE, stderr=self.err, text=True)
+    def __init__(self, inst: harness.PeerkitInstance) -> None:
+        from tests.support.agent import AgentProcess, private_dir
 
-    def pull(self) -> float:
-        """Run one pull; return its seconds."""
-        assert self.proc.stdin is not None and self.proc.stdout is not None
-        self.proc.stdin.write("pull\n")
-        self.proc.stdin.flush()
-        line = self.proc.stdout.readline()
-        if not line:
-            self.proc.wait(timeout=60)
-            self.err.seek(0)
-            raise harness.HarnessError(f"the resident pull ended: {self.err.read()[-800:].decode('utf-8', 'replace')}")
-        return float(line)
+        # The agent refuses a socket directory anyone else could write to.
+        run_dir = private_dir(inst.user.home / "agent", inst.user.uid, inst.user.gid)
+        self.env = inst.user.env(extra_path=[harness.venv_bin()], PEERKIT_AGENT=str(run_dir / "agent.sock"))
+        self.process = AgentProcess(run_dir / "agent.sock", argv=[str(inst.peerkit), "agent"],
+                                    popen=inst.user.popen, env=self.env)
+
+    def served(self) -> int:
+        """How many pulls the agent's workers finished."""
+        return sum(1 for _pid, command, outcome in self.process.workers() if (command, outcome) == ("pull", "exit 0"))
+
+    def check(self, before: int, expected: int) -> None:
+        """Fail unless ``expected`` more pulls ran in the agent since ``before``: a caller
+        the agent refused runs the pull itself, which would be timed as the agent's."""
+        # A worker tells its caller its status before the agent reaps and logs it.
+        deadline = time.monotonic() + 30
+        while self.served() - before < expected and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if self.served() - before != expected or self.process.proc.poll() is not None:
+            raise harness.HarnessError(f"the agent ran {self.served() - before} of {expected} pulls: "
+                                       f"{self.process.log()[-800:]}")
 
     def close(self) -> None:
-        with contextlib.suppress(OSError, subprocess.TimeoutExpired):
-            self.proc.communicate(input="", timeout=60)
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-        self.err.close()
+        self.process.__exit__(None, None, None)
 
 
 def rrsync_path() -> str | None:
@@ -518,14 +566,14 @@ def rrsync_path() -> str | None:
     return None
 
 
-def case_incr_vs_rsync(env: Env, sizes: Sizes, runs: int) -> Row:
+def case_incr_vs_rsync(env: Env, sizes: Sizes, runs: int) -> list[Row]:
     sshd, alpha, beta, slug, app = _incr_setup(env, sizes)
     row = Row("incr-vs-rsync", f"same ({sizes.incr_set / MiB:,.0f} MiB set, one 1 MiB file changed)",
               "peerkit pull --incremental", "rsync -a over ssh with rrsync -ro", target="≤ 1.2×")
     rr = rrsync_path()
     if rr is None:
         row.note = "not run: rrsync not found"
-        return row
+        return [row]
     # A second key of beta's, authorized on alpha behind rrsync only.
     key = beta.user.home / ".ssh" / "bench-rsync"
     if not key.exists():
@@ -547,17 +595,12 @@ def case_incr_vs_rsync(env: Env, sizes: Sizes, runs: int) -> Row:
     # (peerkit's way: the copy in use is never written).  Not the target's
     # baseline, reported beside it.
     staged: list[float] = []
-    # And what the CLI's process start costs: before each baseline run, the
-    # same pull in one Python process that stays up (peerkit.bench.resident;
-    # its first pull, which pays for first-use set-up, is not counted).
-    # Also beside the target, not its measure.
-    resident_runs: list[float] = []
-    resident = Resident(beta, "site-a", slug)
+    agent = env.agent()
+    with_agent = agent_row(row, [], "peerkit pull --incremental (agent)")
+    agent_stages: list[dict[str, float]] = []
     current: list[bool] = []
 
     def baseline() -> float:
-        resident_runs.append(resident.pull())
-        change()  # the rsync runs get a change of their own, and the pull's writes settled
         into = fresh_dir(beta.user.home / f"rsync-staged-{len(staged)}", beta.user)
         staged.append(timed(beta.user, rsync[:-1] + [f"--link-dest={dest}", f"{into}/"]).seconds)
         env.discard(into)
@@ -568,27 +611,25 @@ def case_incr_vs_rsync(env: Env, sizes: Sizes, runs: int) -> Row:
         current.append((dest / "d00" / "f00000.bin").read_bytes() == (app / "d00" / "f00000.bin").read_bytes())
         return seconds
 
-    try:
-        change()
-        resident.pull()
-        alternate(runs, lambda: incremental_pull(beta, slug, stages), baseline, row, lambda side: change())
-    finally:
-        resident.close()
-    row.extra["incremental_stage_seconds"] = stage_medians(stages)
+    change()
+    served = agent.served()
+    rotate(runs, [("a", row.a_name, lambda: incremental_pull(beta, slug, stages), row.a),
+                  ("agent", with_agent.a_name, lambda: incremental_pull(beta, slug, agent_stages, agent), with_agent.a),
+                  ("b", row.b_name, baseline, row.b)],
+           row.case, row.unit, lambda side: change())
+    agent.check(served, runs)
     row.extra["rsync_staged_stats"] = row.stats(staged)
-    row.extra["resident_pull_stats"] = row.stats(resident_runs)
-    row.ratio = statistics.median(row.a) / statistics.median(row.b)
-    row.met = row.ratio <= 1.2
     staged_median = statistics.median(staged)
-    resident_median = statistics.median(resident_runs)
+    for r, st in ((row, stages), (with_agent, agent_stages)):
+        r.extra["incremental_stage_seconds"] = stage_medians(st)
+        r.ratio = statistics.median(r.a) / statistics.median(r.b)
+        r.met = r.ratio <= 1.2
+        r.note = stage_note(r.extra["incremental_stage_seconds"])
     row.note = (f"rsync -a with --link-dest into a new directory (staging, as peerkit does): "
-                f"{staged_median:.2f} s, peerkit {statistics.median(row.a) / staged_median:.2f}× that; "
-                f"the same pull in a Python process that stays up (no process start): {resident_median:.2f} s, "
-                f"{resident_median / statistics.median(row.b):.2f}× rsync; "
-                + stage_note(row.extra["incremental_stage_seconds"]))
+                f"{staged_median:.2f} s, peerkit {statistics.median(row.a) / staged_median:.2f}× that; " + row.note)
     if not all(current):
         row.note = "WARNING: rsync copy differs from the source"
-    return row
+    return [row, with_agent]
 
 
 def case_memory(env: Env, sizes: Sizes, runs: int) -> Row:
@@ -801,7 +842,8 @@ def markdown(rows: list[Row], info: dict, quick: bool, runs: int) -> str:
            f"Linux {m['kernel']} · Python {m['python']} · peerkit {m['peerkit']} · asyncssh {m['asyncssh']} · "
            f"{m['openssh']} · {m['rsync'].replace('  ', ' ')} · zstd {next((w.strip(',') for w in m['zstd'].split() if w.startswith('v1')), m['zstd'])}",
            "", f"Medians of {runs} runs per side ({3 * runs} for ping and forced-command) (min–max in brackets), peerkit and baseline "
-           "alternated; ratio = peerkit median / baseline median.", "",
+           "alternated (the rows “with `peerkit agent` running” in the same rotation, against the same baseline runs); "
+           "ratio = peerkit median / baseline median.", "",
            "| case | peerkit | baseline | peerkit | baseline | ratio | target | result |",
            "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
@@ -858,7 +900,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"== {case}", flush=True)
             t = time.monotonic()
             try:
-                rows.append(RUNNERS[case](env, sizes, runs))
+                made = RUNNERS[case](env, sizes, runs)
+                rows.extend(made if isinstance(made, list) else [made])
             except Exception as exc:  # noqa: BLE001 - one broken case must not lose the others
                 traceback.print_exc()
                 rows.append(Row(case, case, "", "", note=f"not run: {type(exc).__name__}: {str(exc)[:200]}"))

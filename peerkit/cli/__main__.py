@@ -1,5 +1,5 @@
-"""Allow `python -m peerkit.cli`."""
+"""Allow `python -m peerkit.cli` (through the agent when PEERKIT_AGENT is set)."""
 
-from .main import main
+from .launch import main
 
 main()

@@ -128,14 +128,8 @@ def run(argv: list[str]) -> int:
                      "(set PEERKIT_DEBUG=1 for a traceback)", PeerkitError.exit_code)
 
 
-def main() -> None:
-    """Console-script entry point."""
-    status = run(sys.argv[1:])
-    # Every file, lock, database and child process is closed or waited for
-    # by now (all of them are context managers or awaited).  A normal exit
-    # would still spend 60-100 ms tearing down asyncssh, cryptography and
-    # OpenSSL object by object: a sixth of a `peerkit ping` (README,
-    # Benchmarks).  Flush what we printed and leave.
+def finish(status: int) -> int:
+    """Flush what the command printed; return the exit status (120 if it could not be written)."""
     try:
         sys.stdout.flush()
         sys.stderr.flush()
@@ -143,4 +137,14 @@ def main() -> None:
         pass
     except OSError:  # what we printed did not reach its file: as Python's own exit does
         status = status or 120
-    os._exit(status)
+    return status
+
+
+def main() -> None:
+    """Console-script entry point (peerkit.cli.launch calls it when no agent runs the command)."""
+    # Every file, lock, database and child process is closed or waited for
+    # by now (all of them are context managers or awaited).  A normal exit
+    # would still spend 60-100 ms tearing down asyncssh, cryptography and
+    # OpenSSL object by object: a sixth of a `peerkit ping` (README,
+    # Benchmarks).  Flush what we printed and leave.
+    os._exit(finish(run(sys.argv[1:])))

@@ -1,4 +1,4 @@
-"""CLI commands that run services: serve, web, demo, systemd install."""
+"""CLI commands that run services: serve, web, demo, agent, systemd install."""
 
 from __future__ import annotations
 
@@ -115,6 +115,35 @@ def demo(obj: Context, keep: bool, base: Path | None, small: bool) -> None:
              "\n".join(lines))
 
 
+@click.command(epilog="""\b
+Examples:
+  export PEERKIT_AGENT=$XDG_RUNTIME_DIR/peerkit-agent.sock
+  peerkit agent &                       # listens on $PEERKIT_AGENT
+  peerkit pull --incremental beta wiki  # now run by the agent
+  peerkit agent --socket /run/peerkit-agent/agent.sock""")
+@click.option("--socket", "path", metavar="PATH", envvar="PEERKIT_AGENT", required=True,
+              help="Where to listen (default: $PEERKIT_AGENT). Its directory must be writable "
+                   "by this user only.")
+@common_options
+def agent(obj: Context, path: str) -> None:
+    """Keep peerkit loaded and run this user's `peerkit` commands quicker.
+
+    Every `peerkit` command started with PEERKIT_AGENT set to this socket
+    is handed to the agent, which forks a worker that runs it with the
+    caller's arguments, environment, working directory, umask, stdin,
+    stdout and stderr, and passes back its exit status; the 0.1-0.2 s a
+    command spends starting is gone. Only this user's processes are
+    served; a missing, stopped or outdated agent (peerkit was upgraded:
+    it then exits for its service manager to restart it) just means the
+    command runs in its own process. Stop it with Ctrl-C or SIGTERM:
+    running commands get SIGTERM and the agent waits for them.
+    """
+    from .agent import run_agent
+
+    why = run_agent(path, obj.note)
+    obj.emit({"stopped": why}, None)
+
+
 @click.group("systemd", epilog="Example: peerkit systemd install --user")
 def systemd_group() -> None:
     """Install systemd units for this instance."""
@@ -149,4 +178,4 @@ def systemd_install(obj: Context, user_mode: bool, target: Path | None) -> None:
     obj.emit({"units": [str(p) for p in paths]}, human)
 
 
-COMMANDS = [serve, web, demo, systemd_group]
+COMMANDS = [serve, web, demo, agent, systemd_group]

@@ -60,6 +60,7 @@ import yaml
 
 from tests import tarcraft
 from tests.support import sshd as harness
+from tests.support.agent import AgentProcess, private_dir
 from tests.trees import build_mixed_tree, diff, inode_groups, snapshot
 
 pytestmark = pytest.mark.integration
@@ -120,10 +121,11 @@ def _argv(inst: harness.PeerkitInstance, *args: str) -> list[str]:
     return [str(inst.peerkit), *args, "--json"]
 
 
-def peerkit(inst: harness.PeerkitInstance, *args: str, timeout: float = PULL_TIMEOUT) -> Run:
+def peerkit(inst: harness.PeerkitInstance, *args: str, timeout: float = PULL_TIMEOUT,
+            env: dict[str, str] | None = None) -> Run:
     """Run ``peerkit ARGS --json`` as the instance's owner and wait for it."""
     started = time.monotonic()
-    proc = inst.user.run(_argv(inst, *args), env=inst.user.env(extra_path=[inst.bin_dir]),
+    proc = inst.user.run(_argv(inst, *args), env=inst.user.env(extra_path=[inst.bin_dir], **(env or {})),
                          text=True, timeout=timeout)
     return Run(proc.returncode, _parse_lines(proc.stdout), proc.stdout, proc.stderr,
                time.monotonic() - started)
@@ -132,9 +134,9 @@ def peerkit(inst: harness.PeerkitInstance, *args: str, timeout: float = PULL_TIM
 class Background:
     """A CLI call left running: stdout lines arrive on a queue as they are printed."""
 
-    def __init__(self, inst: harness.PeerkitInstance, *args: str) -> None:
+    def __init__(self, inst: harness.PeerkitInstance, *args: str, env: dict[str, str] | None = None) -> None:
         self.started = time.monotonic()
-        self.proc = inst.user.popen(_argv(inst, *args), env=inst.user.env(extra_path=[inst.bin_dir]),
+        self.proc = inst.user.popen(_argv(inst, *args), env=inst.user.env(extra_path=[inst.bin_dir], **(env or {})),
                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         self.queue: queue.Queue[str | None] = queue.Queue()
         self.out: list[str] = []
@@ -422,11 +424,11 @@ class PullPair:
             return []
         return [line for line in lines if app is None or line.split()[1] == app]
 
-    def pull(self, slug: str, *flags: str) -> Run:
-        return peerkit(self.dst, "pull", self.peer, slug, *flags)
+    def pull(self, slug: str, *flags: str, env: dict[str, str] | None = None) -> Run:
+        return peerkit(self.dst, "pull", self.peer, slug, *flags, env=env)
 
-    def start_pull(self, slug: str, *flags: str) -> Background:
-        return Background(self.dst, "pull", self.peer, slug, *flags)
+    def start_pull(self, slug: str, *flags: str, env: dict[str, str] | None = None) -> Background:
+        return Background(self.dst, "pull", self.peer, slug, *flags, env=env)
 
 
 @pytest.fixture(scope="module")
@@ -894,6 +896,63 @@ def test_sigterm_during_the_transfer_leaves_the_app_unchanged(pp):
     failed = [name for name, stage in run.stages.items() if stage["outcome"] == "failed"]
     assert len(failed) == 1 and failed[0] in ("ping", "inventory", "backup", "transfer"), run.stages
     assert "swap" not in run.stages
+    assert diff(before, snapshot(pp.dst.apps_dir / slug)) == []
+    assert leftovers(pp.dst) == []
+    assert pp.hook_lines(slug) == []
+
+
+# -- 9b. through `peerkit agent` -----------------------------------------------------------------
+
+@pytest.fixture
+def dst_agent(pp):
+    """`peerkit agent` as dst's owner; PEERKIT_AGENT in a pull's env hands the pull to it."""
+    user = pp.dst.user
+    run_dir = private_dir(user.home / "agent-run", user.uid, user.gid)
+    with AgentProcess(run_dir / "agent.sock", argv=[str(pp.dst.peerkit), "agent"], popen=user.popen,
+                      env=user.env(extra_path=[pp.dst.bin_dir])) as agent:
+        agent.env = {"PEERKIT_AGENT": str(agent.socket)}  # type: ignore[attr-defined]
+        yield agent
+
+
+@pytest.mark.servers("sshd", reason="the agent is local to the puller; once is enough (time)")
+def test_pulls_through_the_agent_run_hooks_and_land_as_direct_pulls_do(pp, dst_agent):
+    slug = "via-agent"
+    source = snapshot(pp.source_app(slug, _small_app("new")))
+    pp.local_app(slug, _small_app("old"))
+    run = pp.pull(slug, env=dst_agent.env)
+    result = assert_pulled(run)
+    assert pp.hook_lines(slug) == [_hook_line(pp, h, slug) for h in ("stop", "start", "post_restore")]
+    assert [(h["hook"], h["exit_status"]) for h in result["hooks"]] == [
+        ("stop", 0), ("start", 0), ("post_restore", 0)]
+    assert diff(_as_pulled_by(source, pp.dst.user), snapshot(pp.dst.apps_dir / slug)) == []
+    # Then an incremental pull of a change, through the agent too.
+    (pp.src.apps_dir / slug / "index.html").write_bytes(b"<h1>changed</h1>\n")
+    changed = snapshot(pp.src.apps_dir / slug)
+    assert_pulled(pp.pull(slug, "--incremental", "--no-pre-backup", env=dst_agent.env))
+    assert diff(_as_pulled_by(changed, pp.dst.user), snapshot(pp.dst.apps_dir / slug)) == []
+    assert [(command, outcome) for _pid, command, outcome in dst_agent.wait_workers(2)] == [
+        ("pull", "exit 0"), ("pull", "exit 0")]
+    assert leftovers(pp.dst) == []
+
+
+@pytest.mark.servers("sshd", reason="the stream comes from the stand-in forced command, which only sshd runs")
+@pytest.mark.parametrize("how", ["SIGTERM to the caller", "the caller killed"])
+def test_stopping_a_pull_run_by_the_agent_leaves_the_app_unchanged(pp, dst_agent, how):
+    slug = "slow-agent-app"
+    data = _valid_archive(pp, slug, size=1 << 20)
+    payload = pp.payload(slug, data)
+    pp.stream_script(slug, f"head -c {len(data) // 2} {payload} | send\nexec cat >/dev/null\n")
+    before = snapshot(pp.local_app(slug, _small_app("old")))
+    bg = pp.start_pull(slug, env=dst_agent.env)
+    bg.wait_for_line(lambda obj: obj.get("event") == "progress" and obj["bytes"] > 0)
+    if how == "SIGTERM to the caller":
+        bg.proc.send_signal(signal.SIGTERM)  # passed on to the worker
+        assert_failed(bg.finish(timeout=20), "interrupted")
+    else:
+        bg.proc.kill()  # the agent sees the connection close and sends the worker SIGTERM
+        bg.finish(timeout=20)
+    [(_pid, command, outcome)] = dst_agent.wait_workers(1)
+    assert (command, outcome) == ("pull", "exit 130")
     assert diff(before, snapshot(pp.dst.apps_dir / slug)) == []
     assert leftovers(pp.dst) == []
     assert pp.hook_lines(slug) == []

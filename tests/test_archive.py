@@ -6,10 +6,12 @@ import io
 import os
 import random
 import shutil
+import stat
 import subprocess
 import sys
 import tarfile
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -799,6 +801,134 @@ def test_fd_cache_is_bounded_and_used(tmp_path: Path, monkeypatch: pytest.Monkey
             assert dir_opens < 5 * 126
 
 
+# -- the quick path for plain headers (TarExtractor._plain_member) ----------------------------
+
+def _outcome(data: bytes, seed: int, *, quick: bool) -> tuple:
+    """Extract data into a fresh dest, with or without the quick path: what happened and what is left."""
+    with tempfile.TemporaryDirectory() as tmp:
+        dest = Path(tmp) / "dest"
+        dest.mkdir()
+        ex = TarExtractor(dest, max_bytes=1 << 20)
+        if not quick:
+            ex._plain_member = lambda block, end_offset: False  # every header through the full parser
+        try:
+            feed_random(ex, data, random.Random(seed))
+            result: tuple = ("ok", ex.finish())
+        except (UnsafeArchive, TransferIncomplete) as exc:
+            ex.abort()
+            result = (type(exc).__name__, exc.detail)
+        modes, stack = {}, [str(dest)]
+        while stack:  # note each directory's mode, then open it up so that the snapshot gets in as non-root
+            d = stack.pop()
+            modes[os.path.relpath(d, dest)] = stat.S_IMODE(os.lstat(d).st_mode)
+            os.chmod(d, 0o700)
+            stack.extend(e.path for e in os.scandir(d) if e.is_dir(follow_symlinks=False))
+        snap = trees.snapshot(dest, include_root=False)
+        now = time.time()
+        for rel, rec in snap.items():
+            if rec["type"] == "dir":
+                rec["mode"] = modes[rel]
+                # a directory the archive only implies keeps the time it was made: the two runs differ
+                if abs(rec["mtime"] - now) < 600:
+                    rec["mtime"] = "made now"
+        return result, snap
+
+
+def _agree(data: bytes, seed: int) -> None:
+    """The quick path may only decline: with it or without it, the same outcome and the same tree."""
+    (quick, quick_tree), (full, full_tree) = _outcome(data, seed, quick=True), _outcome(data, seed, quick=False)
+    assert quick == full
+    assert trees.diff(quick_tree, full_tree) == []
+
+
+def _plain(name: str | bytes, data: bytes = b"x", **kw) -> bytes:
+    return member(name, data, **kw)
+
+
+# Headers on either side of every condition of the quick path.
+_EDGES = {
+    "file": _plain("f"),
+    "dot-slash": _plain("./d/f"),
+    "gnu-magic": _plain("./d/f", fmt="gnu"),
+    "name-of-100": _plain("n" * 100),
+    "dir": directory("d", mode=0o755),
+    "dir-trailing-slash": directory("d/"),
+    "dir-with-data": header("d", typeflag=b"5", size=1) + tarcraft.pad(b"x"),
+    "root-dir": directory("./"),
+    "root-dot": directory("."),
+    "file-trailing-slash": _plain("f/"),
+    "old-style-dir": header("d/", typeflag=b"\0"),
+    "absolute": _plain("/tmp/peerkit-tarcraft-escape"),
+    "dotdot": _plain("../sentinel"),
+    "dotdot-inside": _plain("a/../f"),
+    "double-slash": _plain("a//f"),
+    "dot-inside": _plain("a/./f"),
+    "empty-name": _plain(""),
+    "setuid": _plain("f", mode=0o4755),
+    "setgid-dir": directory("d", mode=0o2755),
+    "sticky-dir": directory("d", mode=0o1777),
+    "signed-checksum": _plain("ünï", signed_checksum=True),
+    "checksum-off-by-one": _plain("f", chksum=1),
+    "posix-prefix": _plain("f", prefix="p"),
+    "gnu-with-prefix-bytes": _plain("f", fmt="gnu", prefix="p"),
+    "v7": _plain("f", fmt="v7"),
+    "size-base256": header("f", size=1, size_field=b"\x80" + (1).to_bytes(11, "big")) + tarcraft.pad(b"x"),
+    "size-spaces": header("f", size=1, size_field=b"         1 \0") + tarcraft.pad(b"x"),
+    "big-uid": _plain("f", uid=8 ** 7),
+    "too-big": _plain("f", os.urandom(600 << 10)) + _plain("g", os.urandom(600 << 10)),
+    "symlink": symlink("l", "f"),
+    "hardlink": _plain("f") + hardlink("h", "f"),
+    "after-pax": pax({"path": "p"}) + _plain("f"),
+    "after-gnu-long": gnu_long("L" * 120) + _plain("f"),
+    "after-global": pax({"path": "g"}, typeflag=b"g") + _plain("f") + _plain("f2"),
+    "duplicate": _plain("f") + _plain("f"),
+    "file-then-dir": _plain("f") + directory("f/"),
+    "under-a-file": _plain("f") + _plain("f/g"),
+    "under-a-symlink": symlink("l", ".") + _plain("l/f"),
+}
+
+
+@pytest.mark.parametrize("end", ["end", "lone-block", "none"])
+@pytest.mark.parametrize("case", sorted(_EDGES))
+def test_quick_path_agrees_with_the_full_parser(case: str, end: str) -> None:
+    data = _EDGES[case] + {"end": tarcraft.END, "lone-block": bytes(512) + _plain("z"), "none": b""}[end]
+    for seed in range(3):
+        _agree(data, seed)
+
+
+@pytest.mark.parametrize("case", sorted(tarcraft.HOSTILE_CASES))
+def test_quick_path_agrees_on_hostile_archives(case: str) -> None:
+    _agree(tarcraft.HOSTILE_CASES[case](), 1)
+
+
+@pytest.mark.skipif(not HAVE_GNU_TAR, reason="GNU tar not installed")
+def test_quick_path_takes_what_peers_send(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every member of a peer's stream (apps.tar_command) but the root takes the quick path."""
+    from peerkit.apps import tar_command
+
+    src = tmp_path / "src"
+    for d in range(4):
+        for f in range(25):
+            (src / f"d{d}" / "sub").mkdir(parents=True, exist_ok=True)
+            (src / f"d{d}" / "sub" / f"f{f}.dat").write_bytes(os.urandom(f * 100))
+    data = subprocess.run(tar_command(src), check=True, capture_output=True).stdout
+    taken = []
+    plain_member = TarExtractor._plain_member
+
+    def counting(self: TarExtractor, block: bytes, end_offset: int) -> bool:
+        ok = plain_member(self, block, end_offset)
+        taken.append(ok)
+        return ok
+
+    monkeypatch.setattr(TarExtractor, "_plain_member", counting)
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    stats = extract(data, dest, seed=7)
+    assert (stats.files, stats.dirs) == (100, 8)  # dest itself is not counted
+    assert taken.count(True) == 108  # all but "./", which the full parser applies to dest
+    assert trees.diff(trees.snapshot(src), trees.snapshot(dest)) == []
+
+
 # -- property tests -------------------------------------------------------------------------
 
 def _check_extract_safely(data: bytes, seed: int) -> None:
@@ -847,9 +977,8 @@ _BASES = [tarcraft.benign_raw(), tarcraft.benign_pax(), tarcraft.benign_gnu()]
 _BASE_HEADERS = [tarcraft.header_offsets(b) for b in _BASES]
 
 
-@FUZZ
-@given(st.data())
-def test_fuzz_mutated_archives(data: st.DataObject) -> None:
+def _mutated(data: st.DataObject) -> bytes:
+    """One of the benign archives with a few bytes changed (checksums mostly fixed up), maybe cut short."""
     which = data.draw(st.integers(0, len(_BASES) - 1))
     buf = bytearray(_BASES[which])
     offsets = _BASE_HEADERS[which]
@@ -863,7 +992,19 @@ def test_fuzz_mutated_archives(data: st.DataObject) -> None:
         buf = bytearray(tarcraft.fix_checksums(buf, offsets))
     if data.draw(st.booleans()):
         buf = buf[:data.draw(st.integers(0, len(buf)))]
-    _check_extract_safely(bytes(buf), data.draw(st.integers(0, 2**32)))
+    return bytes(buf)
+
+
+@FUZZ
+@given(st.data())
+def test_fuzz_mutated_archives(data: st.DataObject) -> None:
+    _check_extract_safely(_mutated(data), data.draw(st.integers(0, 2**32)))
+
+
+@FUZZ
+@given(st.data())
+def test_fuzz_quick_path_agrees_on_mutated_archives(data: st.DataObject) -> None:
+    _agree(_mutated(data), data.draw(st.integers(0, 2**32)))
 
 
 _SAFE_NAMES = ["a", "a/b", "./a/c", "b", "b/f", "a/f", "l", "l/x", "a/l2", "a/l2/y", "up",
@@ -913,6 +1054,13 @@ def test_fuzz_structured_member_sequences(entries: list[bytes], ending: str, see
     elif ending == "garbage":
         data = a(data) + b"\x01"
     _check_extract_safely(data, seed)
+
+
+@FUZZ
+@given(st.lists(_entry(), max_size=12), st.booleans(), st.integers(0, 2**32))
+def test_fuzz_quick_path_agrees_on_member_sequences(entries: list[bytes], end: bool, seed: int) -> None:
+    data = b"".join(entries)
+    _agree(a(data) if end else data, seed)
 
 
 def _flush_threads() -> int:

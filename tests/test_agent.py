@@ -112,6 +112,18 @@ def test_no_agent_at_the_path_means_the_command_runs_here(tmp_path):
 
 # -- signals and deaths ------------------------------------------------------------------------
 
+@pytest.fixture(autouse=True)
+def stop_signals_not_ignored():
+    """Children start with the stop signals' default actions, even when this run was started
+    ignoring one (under nohup: an ignored signal stays ignored across exec)."""
+    ignored = [sig for sig in launch.FORWARDED_SIGNALS if signal.getsignal(sig) is signal.SIG_IGN]
+    for sig in ignored:
+        signal.signal(sig, signal.SIG_DFL)
+    yield
+    for sig in ignored:
+        signal.signal(sig, signal.SIG_IGN)
+
+
 @pytest.fixture
 def serving(tmp_path):
     """An instance whose `peerkit serve --port 0` runs until a signal (a long-running command)."""
@@ -142,6 +154,27 @@ def test_a_signal_to_the_caller_reaches_the_worker_with_the_same_outcome(agent, 
     assert outcomes[0][0] == (-signal.SIGHUP if sig == signal.SIGHUP else 0)
     worker = agent.worker_pids()[-1]
     wait_gone(worker)
+
+
+def test_a_signal_the_caller_ignores_stays_ignored_as_it_would_run_here(agent, serving):
+    """`nohup peerkit …`: SIGHUP ignored by the caller is not passed on to end the worker."""
+    outcomes = []
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # what nohup does before it starts the command
+    try:
+        procs = [subprocess.Popen([*PEERKIT, *serving], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True),
+                 start_via(agent, *serving)]
+    finally:
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
+    for proc in procs:
+        _wait_listening(proc)
+        proc.send_signal(signal.SIGHUP)
+    time.sleep(1)
+    assert [proc.poll() for proc in procs] == [None, None], "SIGHUP ended a command that ignores it"
+    for proc in procs:
+        proc.send_signal(signal.SIGTERM)
+        out, _err = proc.communicate(timeout=30)
+        outcomes.append((proc.returncode, out))
+    assert outcomes[0] == outcomes[1] and outcomes[0][0] == 0
 
 
 def test_a_caller_that_dies_has_its_worker_stopped_cleanly(agent, serving):

@@ -357,9 +357,11 @@ class Env:
         """Move ``path`` out of the way and out of the page cache; it is deleted with everything else at the end.
 
         Deleting a 20,000-file tree just before the next run made that run's
-        file creation take 16-19 s of kernel time instead of 1.5-3.7 s on
-        this kind of virtual disk (a local `tar -x`, measured), so neither
-        side is timed right after a deletion.  ``evict`` says why its pages go.
+        file creation take 16-19 s of kernel time instead of 1.5-3.7 s (a
+        local `tar -x`, measured): ext4 does not reuse an inode freed in the
+        last minutes and reads inode tables to skip them (`perf`: its
+        `recently_deleted`), so neither side is timed right after a
+        deletion.  ``evict`` says why its pages go.
         """
         if not path.exists():
             return

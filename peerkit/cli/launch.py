@@ -145,7 +145,10 @@ def run_via_agent(path: str, argv: list[str]) -> int | None:
     process, as it would have ended the command.
     """
     call = _Call()
-    previous = {sig: signal.signal(sig, call.signalled) for sig in FORWARDED_SIGNALS}
+    # A signal this process was started ignoring (SIGHUP under nohup) stays
+    # ignored: passed on, it would end a command that, run here, survives it.
+    taken = [sig for sig in FORWARDED_SIGNALS if signal.getsignal(sig) is not signal.SIG_IGN]
+    previous = {sig: signal.signal(sig, call.signalled) for sig in taken}
     try:
         status = call.run(path, argv)
     finally:

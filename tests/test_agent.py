@@ -156,22 +156,26 @@ def test_a_signal_to_the_caller_reaches_the_worker_with_the_same_outcome(agent, 
     wait_gone(worker)
 
 
-def test_a_signal_the_caller_ignores_stays_ignored_as_it_would_run_here(agent, serving):
-    """`nohup peerkit …`: SIGHUP ignored by the caller is not passed on to end the worker."""
-    outcomes = []
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # what nohup does before it starts the command
+@pytest.mark.parametrize("sig", [signal.SIGHUP, signal.SIGINT])
+def test_a_signal_the_caller_was_started_ignoring_has_the_same_outcome(agent, serving, sig):
+    """`nohup peerkit …`: SIGHUP stays ignored, through the agent as run directly; SIGINT, which
+    serve handles over an inherited SIG_IGN, still stops it both ways."""
+    previous = signal.signal(sig, signal.SIG_IGN)  # what nohup (SIGHUP) or a shell's background job (SIGINT) does
     try:
         procs = [subprocess.Popen([*PEERKIT, *serving], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True),
                  start_via(agent, *serving)]
     finally:
-        signal.signal(signal.SIGHUP, signal.SIG_DFL)
+        signal.signal(sig, previous)
     for proc in procs:
         _wait_listening(proc)
-        proc.send_signal(signal.SIGHUP)
-    time.sleep(1)
-    assert [proc.poll() for proc in procs] == [None, None], "SIGHUP ended a command that ignores it"
+        proc.send_signal(sig)
+    if sig == signal.SIGHUP:
+        time.sleep(1)
+        assert [proc.poll() for proc in procs] == [None, None], "SIGHUP ended a command that ignores it"
+        for proc in procs:
+            proc.send_signal(signal.SIGTERM)
+    outcomes = []
     for proc in procs:
-        proc.send_signal(signal.SIGTERM)
         out, _err = proc.communicate(timeout=30)
         outcomes.append((proc.returncode, out))
     assert outcomes[0] == outcomes[1] and outcomes[0][0] == 0

@@ -145,9 +145,14 @@ def run_via_agent(path: str, argv: list[str]) -> int | None:
     process, as it would have ended the command.
     """
     call = _Call()
-    # A signal this process was started ignoring (SIGHUP under nohup) stays
-    # ignored: passed on, it would end a command that, run here, survives it.
-    taken = [sig for sig in FORWARDED_SIGNALS if signal.getsignal(sig) is not signal.SIG_IGN]
+    # SIGHUP this process was started ignoring (nohup) stays ignored: passed
+    # on, it would end a command that, run here, survives it (no command
+    # handles SIGHUP).  SIGINT and SIGTERM are passed on even then, as before:
+    # the commands that act on them install handlers over an inherited
+    # SIG_IGN (serve, the web UI, a pull's swap), so ignoring them here would
+    # change those commands instead.
+    taken = [sig for sig in FORWARDED_SIGNALS
+             if sig != signal.SIGHUP or signal.getsignal(sig) is not signal.SIG_IGN]
     previous = {sig: signal.signal(sig, call.signalled) for sig in taken}
     try:
         status = call.run(path, argv)

@@ -50,6 +50,17 @@ def make_site(tmp: Path) -> Path:
     return dest
 
 
+def _open_up(dest: Path) -> dict[str, int]:
+    """Make every directory under dest 0o700 (so walks and the cleanup get in as non-root); return their modes before."""
+    modes, stack = {}, [str(dest)]
+    while stack:
+        d = stack.pop()
+        modes[os.path.relpath(d, dest)] = stat.S_IMODE(os.lstat(d).st_mode)
+        os.chmod(d, 0o700)
+        stack.extend(e.path for e in os.scandir(d) if e.is_dir(follow_symlinks=False))
+    return modes
+
+
 def feed_random(ex: TarExtractor, data: bytes, rng: random.Random, max_chunk: int = 3 << 20) -> None:
     """Feed data in pseudo-random chunk sizes from 1 byte up to max_chunk."""
     mv = memoryview(data)
@@ -817,12 +828,7 @@ def _outcome(data: bytes, seed: int, *, quick: bool) -> tuple:
         except (UnsafeArchive, TransferIncomplete) as exc:
             ex.abort()
             result = (type(exc).__name__, exc.detail)
-        modes, stack = {}, [str(dest)]
-        while stack:  # note each directory's mode, then open it up so that the snapshot gets in as non-root
-            d = stack.pop()
-            modes[os.path.relpath(d, dest)] = stat.S_IMODE(os.lstat(d).st_mode)
-            os.chmod(d, 0o700)
-            stack.extend(e.path for e in os.scandir(d) if e.is_dir(follow_symlinks=False))
+        modes = _open_up(dest)
         snap = trees.snapshot(dest, include_root=False)
         now = time.time()
         for rel, rec in snap.items():
@@ -947,11 +953,7 @@ def _check_extract_safely(data: bytes, seed: int) -> None:
         assert fd_count() == fds
         for victim in tarcraft.ABSOLUTE_VICTIMS:
             assert not os.path.lexists(victim)
-        stack = [str(dest)]
-        while stack:  # open up 0o000 / 0o500 dirs so the walk and the cleanup get in as non-root
-            d = stack.pop()
-            os.chmod(d, 0o700)
-            stack.extend(e.path for e in os.scandir(d) if e.is_dir(follow_symlinks=False))
+        _open_up(dest)
         for dirpath, dirnames, filenames in os.walk(dest):
             for name in dirnames + filenames:
                 path = os.path.join(dirpath, name)

@@ -260,16 +260,12 @@ def _die_by(signum: int) -> int:
 
 
 def _lost(why: str) -> int:
-    """Report a worker whose outcome is unknown (the agent went away while it ran)."""
+    """Report a worker whose outcome is unknown (the agent went away while it ran), as the CLI reports errors."""
     from ..errors import AgentLost
+    from .main import _fail  # click and the commands: paid only on this rare path
 
     err = AgentLost(why)
-    print(f"peerkit: error: {err.message}", file=sys.stderr)
-    if "--json" in sys.argv[1:]:
-        import json
-
-        print(json.dumps({"ok": False, "error": err.code, "message": err.message}), flush=True)
-    return err.exit_code
+    return _fail("--json" in sys.argv[1:], err.code, err.message, err.exit_code)
 
 
 def main() -> None:

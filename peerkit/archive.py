@@ -50,6 +50,9 @@ _MAX_ID = 2**32 - 2      # largest uid/gid chown accepts (-1 means "unchanged")
 _MAX_MTIME_S = 9_000_000_000  # clamp mtimes to about +-285 years around 1970
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+# What looking up a hard link's target meets when it is not a directory
+# path to one of our files (missing, a symlink, a file where a directory is).
+_NOT_THERE = frozenset({errno.ENOENT, errno.ENOTDIR, errno.ELOOP})
 _FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 # Parser states.
@@ -314,7 +317,6 @@ class TarExtractor:
         self._long_link: bytes | None = None
         self._cache: OrderedDict[tuple[bytes, ...], int] = OrderedDict()
         self._dirs: dict[tuple[bytes, ...], tuple[int, int, int, int]] = {}
-        self._regular: set[tuple[bytes, ...]] = set()
         self._error: tuple[type[BaseException], str | None] | None = None
         self._closed = False
         self._finished = False
@@ -754,7 +756,6 @@ class TarExtractor:
             raise self._os_refusal(exc, "cannot create file") from exc
         self._out_fd = fd
         self._out_meta = (mode, mtime_ns, uid, gid, chmod)
-        self._regular.add(comps)
         self.stats.files += 1
         self.stats.content_bytes += size
         self._remaining = size
@@ -800,19 +801,54 @@ class TarExtractor:
         """Create a hard link to a regular file this archive already extracted."""
         tcomps = _split_name(target, "hard link target")
         # links to anything but our own regular files (outside files, symlinks,
-        # directories, files of earlier runs) could expose or overwrite them
-        if target.endswith(b"/") or tcomps not in self._regular:
-            raise UnsafeArchive(
-                f"hard link {_show(self._member)} to {_show(target)}, which is not a regular file of this archive")
-        src = self._dir_fd(tcomps[:-1])
-        dst = self._dir_fd(comps[:-1])
+        # directories, files of earlier runs) could expose or overwrite them.
+        # dest was empty and nothing is ever removed from it, so a regular
+        # file found under it, through directories opened without following
+        # links, is one this archive extracted: asked of the disk instead of
+        # remembered, memory stays flat however many files an app has.
+        # "." (no name) and "d/" name directories
+        src = -1 if not tcomps or target.endswith(b"/") else self._extracted_dir_fd(tcomps)
         try:
-            # follow_symlinks=False: linkat without AT_SYMLINK_FOLLOW
-            os.link(tcomps[-1], comps[-1], src_dir_fd=src, dst_dir_fd=dst, follow_symlinks=False)
-        except OSError as exc:
-            raise self._os_refusal(exc, "cannot create hard link") from exc
-        self._regular.add(comps)
+            try:
+                is_file = src >= 0 and stat.S_ISREG(os.stat(tcomps[-1], dir_fd=src, follow_symlinks=False).st_mode)
+            except OSError as exc:
+                if exc.errno not in _NOT_THERE:
+                    raise
+                is_file = False
+            if not is_file:
+                raise UnsafeArchive(f"hard link {_show(self._member)} to {_show(target)}, "
+                                    "which is not a regular file of this archive")
+            dst = self._dir_fd(comps[:-1])
+            try:
+                # follow_symlinks=False: linkat without AT_SYMLINK_FOLLOW
+                os.link(tcomps[-1], comps[-1], src_dir_fd=src, dst_dir_fd=dst, follow_symlinks=False)
+            except OSError as exc:
+                raise self._os_refusal(exc, "cannot create hard link") from exc
+        finally:
+            if src >= 0 and src != self._root:
+                os.close(src)
         self.stats.hardlinks += 1
+
+    def _extracted_dir_fd(self, comps: tuple[bytes, ...]) -> int:
+        """Open the directory holding ``comps`` without creating or following anything; -1 if there is none.
+
+        The caller closes the fd unless it is the root's.
+        """
+        fd = self._root
+        try:
+            for name in comps[:-1]:
+                # O_NOFOLLOW|O_DIRECTORY: a symlink on the way is not gone through
+                nxt = os.open(name, _DIR_FLAGS, dir_fd=fd)
+                if fd != self._root:
+                    os.close(fd)
+                fd = nxt
+        except OSError as exc:
+            if fd != self._root:
+                os.close(fd)
+            if exc.errno not in _NOT_THERE:
+                raise
+            return -1
+        return fd
 
     def _os_refusal(self, exc: OSError, what: str) -> BaseException:
         """Turn an OSError caused by the archive's entries into UnsafeArchive."""

@@ -387,12 +387,49 @@ def test_hardlinks_share_inodes(tmp_path: Path) -> None:
     assert (stats.files, stats.hardlinks, stats.content_bytes) == (1, 2, 5)
 
 
-@pytest.mark.parametrize("target", ["missing", ".", "d", "s", "d/../f", "/f", "../f", "f/"])
+@pytest.mark.parametrize("target", ["missing", ".", "d", "s", "d/../f", "/f", "../f", "f/",
+                                    # through a symlinked directory, in a missing one, under a file
+                                    "sd/g", "nodir/f", "f/f", "d/missing", "sd/"])
 def test_hardlink_bad_targets(tmp_path: Path, target: str) -> None:
     dest = make_site(tmp_path)
-    with pytest.raises(UnsafeArchive):
-        extract(a(member("f", b"f"), directory("d"), symlink("s", "f"), hardlink("h", target)), dest)
+    with pytest.raises(UnsafeArchive, match="hard link target|not a regular file of this archive"):
+        extract(a(member("f", b"f"), directory("d"), member("d/g", b"g"), symlink("s", "f"), symlink("sd", "d"),
+                  hardlink("h", target)), dest)
     assert not os.path.lexists(dest / "h")
+    assert not os.path.lexists(dest / "nodir")  # looking a target up creates nothing
+
+
+def test_hardlink_to_a_deep_file_and_to_a_link(tmp_path: Path) -> None:
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    stats = extract(a(member("a/b/c/f", b"deep"), hardlink("a/h", "a/b/c/f"), hardlink("x/y/h2", "a/h")), dest)
+    assert (dest / "x/y/h2").read_bytes() == b"deep" and os.lstat(dest / "a/b/c/f").st_nlink == 3
+    assert stats.hardlinks == 2
+
+
+def test_memory_stays_flat_in_the_number_of_files(tmp_path: Path) -> None:
+    """What the extractor keeps does not grow with the files it wrote (a million-file app is no special case)."""
+    import tracemalloc
+
+    def grown(files: int) -> int:
+        dest = tmp_path / f"dest{files}"
+        dest.mkdir()
+        ex = TarExtractor(dest, max_bytes=MAX)
+        try:
+            tracemalloc.start()
+            before = tracemalloc.get_traced_memory()[0]
+            for i in range(files):  # streamed: the archive itself is never held
+                ex.feed(member(f"d{i % 10}/file-with-a-name-of-some-length-{i:06d}", b"x" * 10))
+            after = tracemalloc.get_traced_memory()[0]
+        finally:
+            tracemalloc.stop()
+        ex.feed(bytes(1024))
+        ex.finish()
+        return after - before
+
+    few, many = grown(500), grown(10_000)
+    # remembering each file's path cost about 150 bytes a file (1.4 MB here)
+    assert many - few < 100_000, (few, many)
 
 
 def test_hardlink_onto_existing_name_refused(tmp_path: Path) -> None:

@@ -451,6 +451,7 @@ def case_full(env: Env, sizes: Sizes, runs: int, small: bool) -> list[Row]:
         settle_disk()
 
     flushes: list[float] = []
+    peaks: list[float] = []
     agent = env.agent()
 
     def pull(via_agent: bool = False) -> float:
@@ -458,6 +459,7 @@ def case_full(env: Env, sizes: Sizes, runs: int, small: bool) -> list[Row]:
                     env=agent.env if via_agent else None)
         if not via_agent:
             flushes.append(stage_seconds(res.out, "flush"))
+            peaks.append(res.maxrss_kib / 1024)  # the agent's worker is not this process
         return res.seconds
 
     with_agent: list[float] = []
@@ -468,7 +470,10 @@ def case_full(env: Env, sizes: Sizes, runs: int, small: bool) -> list[Row]:
     agent.check(served, runs)
     # What writing the copy to disk before the swap costs (the baseline does not).
     row.extra["flush_stage_seconds"] = flushes
-    row.note = f"of which flush (syncfs before the swap) {statistics.median(flushes):.2f} s median"
+    # The memory case holds RSS to its target with large files; this says the same of many small ones.
+    row.extra["peak_rss_mib"] = peaks
+    row.note = (f"of which flush (syncfs before the swap) {statistics.median(flushes):.2f} s median; "
+                f"client peak RSS {max(peaks):.0f} MiB")
     env.discard(dest)
     env.discard(beta.apps_dir / slug)
     env.discard(alpha.apps_dir / slug)

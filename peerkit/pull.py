@@ -282,58 +282,63 @@ async def _pull(cfg: Config, peer_name: str, app: str, pre_backup: bool, keep_ur
                     await farm.remove()
                 raise
         early = started_early[0] if started_early else None
-        async with conn:
-            try:
-                with report.stage("inventory"):
-                    inventory = await listing
-                    entry = next((a for a in inventory["apps"] if a["slug"] == app), None)
-                    if entry is None:
-                        raise NoSuchApp(f"{peer_name} has no app {app}")
-                    need = entry["size_kb"] * 1024
-                    if tar is not None:
-                        tar.limit(cfg, entry["size_kb"])
-                        need -= tar.extracted  # on disk already (its head start at most)
-                    check_space(cfg.apps_dir, need)
-                    if tar is not None:
-                        tar.go_on()
-                receiver.backup(pre_backup, "--no-pre-backup", "pre-pull")
-                use_rsync, compressed = _transfer_mode(cfg, conn, incremental, compress, report, note)
-                if early is not None and (use_rsync, compressed) != plan:
-                    # The peer's ping no longer offers what the early start
-                    # relied on (rsync, zstd): start again the way it allows.
-                    await _cancel(early)
-                    early = None
+        try:
+            async with conn:
+                try:
+                    with report.stage("inventory"):
+                        inventory = await listing
+                        entry = next((a for a in inventory["apps"] if a["slug"] == app), None)
+                        if entry is None:
+                            raise NoSuchApp(f"{peer_name} has no app {app}")
+                        need = entry["size_kb"] * 1024
+                        if tar is not None:
+                            tar.limit(cfg, entry["size_kb"])
+                            need -= tar.extracted  # on disk already (its head start at most)
+                        check_space(cfg.apps_dir, need)
+                        if tar is not None:
+                            tar.go_on()
+                    receiver.backup(pre_backup, "--no-pre-backup", "pre-pull")
+                    use_rsync, compressed = _transfer_mode(cfg, conn, incremental, compress, report, note)
+                    if early is not None and (use_rsync, compressed) != plan:
+                        # The peer's ping no longer offers what the early start
+                        # relied on (rsync, zstd): start again the way it allows.
+                        await _cancel(early)
+                        early = None
+                        if farm is not None:
+                            await farm.remove()
+                            farm = None
+                        if tar is not None:
+                            tar.abort()
+                            tar = None
+                        report.notes.append("the early transfer was stopped: the peer's features changed")
+                    if early is None:
+                        staging = receiver.new_staging()
+                    started = time.monotonic()
+                    if use_rsync:
+                        await _rsync_transfer(cfg, conn, app, staging, receiver.live, report, early)
+                    else:
+                        if tar is None:
+                            tar = _TarStream(cfg, app, staging, compressed, progress, entry["size_kb"])
+                        await _tar_transfer(conn, tar, app, report, early)
+                        started = tar.started or started
+                    _remember_rate(cfg, peer_name, report.bytes, time.monotonic() - started, use_rsync)
+                finally:
+                    for future in (listing, early):
+                        if future is not None:
+                            await _cancel(future)
                     if farm is not None:
-                        await farm.remove()
-                        farm = None
-                    if tar is not None:
-                        tar.abort()
-                        tar = None
-                    report.notes.append("the early transfer was stopped: the peer's features changed")
-                if early is None:
-                    staging = receiver.new_staging()
-                started = time.monotonic()
-                if use_rsync:
-                    await _rsync_transfer(cfg, conn, app, staging, receiver.live, report, early)
-                else:
-                    if tar is None:
-                        tar = _TarStream(cfg, app, staging, compressed, progress, entry["size_kb"])
-                    await _tar_transfer(conn, tar, app, report, early)
-                    started = tar.started or started
-                _remember_rate(cfg, peer_name, report.bytes, time.monotonic() - started, use_rsync)
-            finally:
-                for future in (listing, early):
-                    if future is not None:
-                        await _cancel(future)
-                if farm is not None:
-                    await farm.remove()
-                if tar is not None and not tar.finished:
-                    tar.abort()  # stopped before its checks passed (after its request: no more data)
-        await receiver.flush()
-        # commit() runs without yielding to the loop, so the SIGTERM handler
-        # run_transfer installed cannot cancel it; it only keeps SIGTERM from
-        # its default action (death) until commit holds signals itself.
-        receiver.commit(inventory["domain"], keep_urls)
+                        farm.discard()  # started when rsync ended, unless it never ran; waited for below
+                    if tar is not None and not tar.finished:
+                        tar.abort()  # stopped before its checks passed (after its request: no more data)
+            await receiver.flush()
+            # commit() runs without yielding to the loop, so the SIGTERM handler
+            # run_transfer installed cannot cancel it; it only keeps SIGTERM from
+            # its default action (death) until commit holds signals itself.
+            receiver.commit(inventory["domain"], keep_urls)
+        finally:
+            if farm is not None:
+                # rsync's end started its removal: it ran beside the checks, the flush and the swap.
+                await farm.remove()
 
 
 async def _cancel(future: "asyncio.Future[Any]") -> None:

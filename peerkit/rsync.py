@@ -156,39 +156,61 @@ class LinkFarm:
 
     Made (``swap.link_farm``) as soon as the pull knows it will use rsync
     (alongside the connection, for an rsync started with the ping);
-    ``remove()`` when rsync has ended.  It is named like a staging directory, so a run that
-    was killed leaves nothing the next run (under the app lock) keeps.
+    ``run_client`` starts removing it, in a thread, as soon as rsync ended,
+    so that the removal (one unlink per file of the app) runs beside the
+    checks, the flush and the swap; ``remove()`` waits for that.  It is
+    named like a staging directory, so a run that was killed leaves nothing
+    the next run (under the app lock) keeps.
     """
 
     def __init__(self, live: Path, apps_dir: Path, app: str) -> None:
         self.path = new_staging(apps_dir, app)
-        self._filled = asyncio.get_running_loop().run_in_executor(None, link_farm, live, self.path)
+        self._loop = asyncio.get_running_loop()
+        self._filled = self._loop.run_in_executor(None, link_farm, live, self.path)
+        self._removed: asyncio.Future[None] | None = None
 
     async def ready(self) -> None:
         """Wait until it is filled (raise what stopped it)."""
         await asyncio.shield(self._filled)
 
+    def discard(self) -> "asyncio.Future[None]":
+        """Start removing the farm, once its thread has ended, in another thread; return at once."""
+        if self._removed is None:
+            self._removed = asyncio.ensure_future(self._remove_after_fill())
+        return self._removed
+
+    async def _remove_after_fill(self) -> None:
+        with contextlib.suppress(Exception):  # what stopped it was reported by ready()
+            await asyncio.shield(self._filled)
+        with contextlib.suppress(OSError):  # a leftover goes with the next run's
+            await self._loop.run_in_executor(None, remove_tree, self.path)
+
     async def remove(self) -> None:
-        """Remove the farm once its thread has ended; never raises (a leftover goes on the next run)."""
-        try:
-            with contextlib.suppress(Exception):  # what stopped it was reported by ready()
-                await asyncio.shield(self._filled)
-        finally:  # cancelled meanwhile: what the thread adds later goes with the next run's leftovers
-            with contextlib.suppress(OSError):
-                remove_tree(self.path)
+        """Remove the farm (or wait for the removal ``discard`` started); never raises.
+
+        Cancelled meanwhile, the removal goes on in its thread, and what the
+        filling thread adds later goes with the next run's leftovers.
+        """
+        removal = self.discard()
+        with contextlib.suppress(Exception):
+            await asyncio.shield(removal)
 
 
 async def run_client(conn: PeerConnection, app: str, staging: Path, farm: LinkFarm | None) -> int:
     """Pull ``app`` from the peer into ``staging`` with rsync; return the bytes received.
 
     Files that did not change become hard links of the live app's, found
-    in ``farm`` (none for a first pull).
+    in ``farm`` (none for a first pull), whose removal starts when rsync ends.
     """
     if farm is not None:
         await farm.ready()
-    out, _ = await _run(conn, app, True, lambda rsync, relay: client_argv(
-        rsync, relay, f"{HOST}:{app}/", f"{staging}/", pull=True,
-        link_dest=farm.path if farm is not None else None))
+    try:
+        out, _ = await _run(conn, app, True, lambda rsync, relay: client_argv(
+            rsync, relay, f"{HOST}:{app}/", f"{staging}/", pull=True,
+            link_dest=farm.path if farm is not None else None))
+    finally:
+        if farm is not None:
+            farm.discard()
     match = _RECEIVED.search(out)
     return int(match.group(1).replace(b",", b"")) if match else 0
 

@@ -7,6 +7,7 @@ import io
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -332,3 +333,24 @@ def test_version(tmp_path):
 
     status, out, _ = Instance(tmp_path / "h", "x").run_here("--version")
     assert status == 0 and out == f"peerkit, version {__version__}\n"
+
+
+# -- start-up: the CLI is imported without garbage collection, and runs with it ---------------------
+
+@pytest.mark.parametrize("command, connects", [("pull", True), ("push", True), ("ping", True), ("apps", True),
+                                               ("peers", False), ("token", False), (None, False)])
+def test_the_cli_loads_with_the_collector_off_and_runs_with_it_on(command, connects):
+    code = ("import gc, sys; from peerkit.cli import launch; launch.load(%r); "
+            "print(gc.isenabled(), gc.get_freeze_count() > 10000, 'asyncssh' in sys.modules, "
+            "'peerkit.cli.main' in sys.modules)" % command)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    # Back on (serve, web and the agent run for days); what the imports made frozen; asyncssh only
+    # for the commands that connect (the others would pay 45 ms for nothing).
+    assert out == ["True", "True", str(connects), "True"]
+
+
+def test_what_the_cli_preloads_are_its_commands():
+    from peerkit.cli import launch
+    from peerkit.cli.main import cli
+
+    assert set(launch.PRELOAD) <= set(cli.commands)

@@ -15,6 +15,7 @@ import sys
 
 import pytest
 
+from peerkit import swap
 from peerkit.errors import PeerkitError, SessionRefused
 from peerkit.rsync import (HOST, RELAY, LinkFarm, _relay_request, checked_command, client_argv, relay_command,
                            run_client)
@@ -190,3 +191,32 @@ def test_a_farm_removed_while_it_fills_waits_for_its_thread(tmp_path):
         assert all(os.stat(live / f"d{i:02d}" / "f0").st_nlink == 1 for i in range(40))
 
     asyncio.run(main())
+
+
+def test_a_discarded_farm_goes_in_a_thread_while_the_loop_goes_on(tmp_path, monkeypatch):
+    import threading
+
+    from peerkit import rsync
+
+    live = make_tree(tmp_path / "live", {f"d{i:02d}/f{j}": b"x" for i in range(20) for j in range(25)})
+    threads = []
+
+    def remove_tree(path):
+        threads.append(threading.current_thread())
+        swap.remove_tree(path)
+
+    monkeypatch.setattr(rsync, "remove_tree", remove_tree)
+
+    async def main():
+        farm = LinkFarm(live, tmp_path, "app")
+        await farm.ready()
+        removal = farm.discard()
+        assert farm.discard() is removal  # once only: rsync's end and the pull's clean-up both ask
+        assert farm.path.exists()  # discard returns at once
+        await farm.remove()  # waits for that same removal, and does not raise
+        assert not farm.path.exists()
+        assert all(os.stat(live / f"d{i:02d}" / "f0").st_nlink == 1 for i in range(20))
+
+    asyncio.run(main())
+    # Not in the loop's thread: the checks and the flush go on there meanwhile.
+    assert len(threads) == 1 and threads[0] is not threading.main_thread()

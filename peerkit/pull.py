@@ -331,13 +331,18 @@ async def _pull(cfg: Config, peer_name: str, app: str, pre_backup: bool, keep_ur
                     if tar is not None and not tar.finished:
                         tar.abort()  # stopped before its checks passed (after its request: no more data)
             await receiver.flush()
+            if farm is not None:
+                # rsync's end started its removal: it ran beside the checks and the flush.
+                # Waited for here, not after the swap: a SIGTERM there would cancel
+                # a pull that is done and be reported as one that changed nothing.
+                await farm.remove()
+                farm = None
             # commit() runs without yielding to the loop, so the SIGTERM handler
             # run_transfer installed cannot cancel it; it only keeps SIGTERM from
             # its default action (death) until commit holds signals itself.
             receiver.commit(inventory["domain"], keep_urls)
         finally:
-            if farm is not None:
-                # rsync's end started its removal: it ran beside the checks, the flush and the swap.
+            if farm is not None:  # a pull that failed or was stopped: its farm goes before the app lock does
                 await farm.remove()
 
 

@@ -158,7 +158,7 @@ class LinkFarm:
     (alongside the connection, for an rsync started with the ping);
     ``run_client`` starts removing it, in a thread, as soon as rsync ended,
     so that the removal (one unlink per file of the app) runs beside the
-    checks, the flush and the swap; ``remove()`` waits for that.  It is
+    checks and the flush; ``remove()`` waits for that.  It is
     named like a staging directory, so a run that was killed leaves nothing
     the next run (under the app lock) keeps.
     """

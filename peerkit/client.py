@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import time
 from dataclasses import dataclass
@@ -51,7 +52,9 @@ _REMOTE_ERRORS: dict[str, type[PeerkitError]] = {
 }
 
 
+@functools.lru_cache(maxsize=1)
 def _cpu_has_aes() -> bool:
+    # Read once per process: `ping --all` and `serve` connect dozens of times.
     try:
         with open("/proc/cpuinfo", encoding="ascii", errors="replace") as fh:
             return any(line.startswith("flags") and " aes" in line for line in fh)

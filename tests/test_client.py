@@ -86,3 +86,16 @@ def test_only_features_we_act_on_are_recorded():
     conn = PeerConnection(None, None)  # type: ignore[arg-type]
     conn.features = frozenset({"zstd", "rsync", "x" * 31, "shell-access"})
     assert known_features(conn) == ["rsync", "zstd"]
+
+
+def test_the_cpu_is_asked_about_aes_once_per_process():
+    """`ping --all` and `serve` connect dozens of times; /proc/cpuinfo is read for the first only."""
+    from peerkit import client as module
+
+    module._cpu_has_aes.cache_clear()
+    first = module.encryption_algs()
+    assert module.encryption_algs() == first
+    assert module._cpu_has_aes.cache_info().misses == 1
+    with open("/proc/cpuinfo", encoding="ascii", errors="replace") as fh:
+        aes = any(line.startswith("flags") and " aes" in line for line in fh)
+    assert first[0].startswith("aes128-gcm" if aes else "chacha20")

@@ -165,8 +165,7 @@ class LinkFarm:
 
     def __init__(self, live: Path, apps_dir: Path, app: str) -> None:
         self.path = new_staging(apps_dir, app)
-        self._loop = asyncio.get_running_loop()
-        self._filled = self._loop.run_in_executor(None, link_farm, live, self.path)
+        self._filled = asyncio.get_running_loop().run_in_executor(None, link_farm, live, self.path)
         self._removed: asyncio.Future[None] | None = None
 
     async def ready(self) -> None:
@@ -183,7 +182,7 @@ class LinkFarm:
         with contextlib.suppress(Exception):  # what stopped it was reported by ready()
             await asyncio.shield(self._filled)
         with contextlib.suppress(OSError):  # a leftover goes with the next run's
-            await self._loop.run_in_executor(None, remove_tree, self.path)
+            await asyncio.get_running_loop().run_in_executor(None, remove_tree, self.path)
 
     async def remove(self) -> None:
         """Remove the farm (or wait for the removal ``discard`` started); never raises.

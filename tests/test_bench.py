@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import os
+import pwd
 import shutil
+import signal
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from peerkit.bench import run
+from tests.support import ci
+from tests.support import sshd as harness
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def resident_pages(path: Path) -> int:
@@ -41,3 +48,93 @@ def test_evict_drops_a_discarded_tree_from_the_page_cache_and_follows_no_link(tm
     assert [resident_pages(f) for f in files] == [0, 0]
     assert resident_pages(outside) > 0, "a symlink led evict out of the tree"
     assert [f.stat().st_size for f in files] == [4 << 20, 4 << 20]
+
+
+# -- stopping a run ---------------------------------------------------------------------------
+
+@pytest.fixture
+def own_signal_handlers():
+    """Put back the handlers a test replaced (pytest's own SIGINT one among them)."""
+    saved = {sig: signal.getsignal(sig) for sig in run.StopSignals.HANDLED}
+    yield
+    for sig, handler in saved.items():
+        signal.signal(sig, handler)
+
+
+def test_a_signal_is_noted_and_raised_at_the_next_check_but_never_during_the_clean_up(own_signal_handlers,
+                                                                                   capsys) -> None:
+    signals = run.StopSignals()
+    signals.install()
+    signals.check()  # nothing asked yet
+    os.kill(os.getpid(), signal.SIGTERM)  # the handler only takes note: no exception here
+    os.kill(os.getpid(), signal.SIGHUP)
+    assert "SIGTERM: stopping" in capsys.readouterr().err
+    with pytest.raises(run.Stopped) as caught:
+        signals.check()
+    assert caught.value.signum == signal.SIGTERM and str(caught.value) == "stopped by SIGTERM"
+    with pytest.raises(run.Stopped):
+        signals.check()  # again at every later check, until the clean-up
+    signals.cleaning = True
+    signals.check()
+    os.kill(os.getpid(), signal.SIGINT)
+    assert "SIGINT: already stopping; still removing what the run made" in capsys.readouterr().err
+    assert signals.stopped().signum == signal.SIGTERM  # the first one decides the exit status
+
+
+def test_a_signal_ignored_at_start_stays_ignored(own_signal_handlers) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # how `bench &` from a script starts
+    run.StopSignals().install()
+    assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
+
+
+def _processes_mentioning(text: str) -> list[str]:
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if text in cmdline:
+            found.append(f"{pid}: {cmdline}")
+    return found
+
+
+@pytest.mark.parametrize("when", ["== ping", "[ping] run 1/"], ids=["while-making-the-instances", "mid-case"])
+def test_sigterm_stops_a_run_reports_what_was_not_run_and_removes_everything_it_made(tmp_path: Path,
+                                                                                     when: str) -> None:
+    problems = harness.missing_prerequisites()
+    if problems:
+        ci.unavailable("the benchmark's clean-up on SIGTERM", "; ".join(problems))
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "peerkit.bench", "--quick", "--cases", "ping,forced-command",
+                             "--runs", "50", "--out", str(out)], cwd=REPO, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    root: Path | None = None
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if line.startswith("working in "):
+                root = Path(line.split()[2])
+            if when in line:
+                break
+        else:
+            pytest.fail(f"the run ended before {when!r}: {proc.wait()} {proc.stderr.read()[-2000:]}")
+        assert root is not None and root.is_dir()
+        if when.startswith("[ping]"):  # sshd, two accounts, two paired instances: all made
+            assert len([pw for pw in pwd.getpwall() if pw.pw_dir.startswith(f"{root}/")]) == 2
+            assert _processes_mentioning(str(root)), "no sshd or server of the run found"
+        proc.send_signal(signal.SIGTERM)
+        _rest, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "stopped by SIGTERM: removing" in err
+    assert not root.exists()
+    assert not [pw.pw_name for pw in pwd.getpwall() if pw.pw_dir.startswith(f"{root}/")]
+    assert not _processes_mentioning(str(root))
+    table = (out / "results.md").read_text()
+    for case in ("ping", "forced-command"):
+        assert f"| {case} — not run: stopped by SIGTERM |" in table

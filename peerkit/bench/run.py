@@ -101,6 +101,7 @@ class Timed:
 def timed(user: harness.ThrowawayUser, argv: list[str], *, env: dict | None = None, cwd=None,
           wrap: list[str] | None = None, check: bool = True, timeout: float = 3600) -> Timed:
     """Run ``argv`` as ``user`` and return wall time and the child's peak RSS (os.wait4)."""
+    STOP.check()
     env = env if env is not None else user.env(extra_path=[harness.venv_bin()])
     import tempfile
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
@@ -113,13 +114,23 @@ def timed(user: harness.ThrowawayUser, argv: list[str], *, env: dict | None = No
         proc = subprocess.Popen([str(a) for a in argv], stdin=subprocess.DEVNULL, stdout=out, stderr=err,
                                 start_new_session=True, **kw)
         deadline = start + timeout
-        while True:
-            pid, status, ru = os.wait4(proc.pid, os.WNOHANG)
-            if pid:
-                break
-            if time.perf_counter() > deadline:
+        try:
+            while True:
+                pid, status, ru = os.wait4(proc.pid, os.WNOHANG)
+                if pid:
+                    break
+                if time.perf_counter() > deadline:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                STOP.check()
+                time.sleep(0.002)
+        except BaseException:
+            # Stopped (or anything else going wrong here): the command is in
+            # its own session, so nothing else would end it, and it must not
+            # outlive its user.
+            with contextlib.suppress(OSError):
                 os.killpg(proc.pid, signal.SIGKILL)
-            time.sleep(0.002)
+            proc.wait()
+            raise
         seconds = time.perf_counter() - start
         proc.returncode = os.waitstatus_to_exitcode(status)
         out.seek(0)
@@ -165,6 +176,7 @@ def gen_random_file(path: Path, size: int, rng: random.Random) -> None:
     with open(path, "wb") as fh:
         left = size
         while left:
+            STOP.check()
             n = min(left, 4 * MiB)
             fh.write(rng.randbytes(n))
             left -= n
@@ -177,6 +189,8 @@ def gen_large(app: Path, size: int) -> None:
 def gen_small(app: Path, files: int, dirs: int) -> None:
     rng = random.Random(SEED + 1)
     for i in range(files):
+        if i % 1000 == 0:
+            STOP.check()
         d = app / f"d{i % dirs:03d}"
         if i < dirs:
             d.mkdir(parents=True, exist_ok=True)
@@ -205,6 +219,7 @@ def gen_compressible(app: Path, total: int) -> None:
     with open(app / "app.log", "w", encoding="ascii") as fh:
         written, t = 0, 1_700_000_000
         while written < half:
+            STOP.check()
             lines = []
             for _ in range(2000):
                 t += rng.randint(0, 3)
@@ -219,6 +234,7 @@ def gen_compressible(app: Path, total: int) -> None:
                  "name TEXT, mimetype INTEGER, size INTEGER, mtime INTEGER, etag TEXT);\n")
         written, fid = 0, 0
         while written < total - half:
+            STOP.check()
             rows = []
             for _ in range(500):
                 fid += 1
@@ -326,6 +342,7 @@ class Env:
         self.users: list[harness.ThrowawayUser] = []
         self.servers: list = []
         self.netns: list[str] = []
+        self.links: list[str] = []  # veth pairs, gone with their namespace once moved into it
         self._main = None
         self._agent: BenchAgent | None = None
 
@@ -338,8 +355,8 @@ class Env:
         if self._main is None:
             ua, ub = self.user(), self.user()
             sshd = harness.Sshd(self.root / "sshd", [ua.name, ub.name], log_level="ERROR")
+            self.servers.append(sshd)  # before it starts: one that fails to come up is still stopped
             sshd.start()
-            self.servers.append(sshd)
             alpha = harness.PeerkitInstance(ua, "site-a", sshd).init()
             beta = harness.PeerkitInstance(ub, "site-b", sshd).init()
             harness.pair_both_ways(alpha, beta)
@@ -383,7 +400,12 @@ class Env:
                 s.stop()
         for ns in self.netns:
             harness.run_root(["ip", "netns", "del", ns], check=False)
+        for link in self.links:
+            harness.run_root(["ip", "link", "del", link], check=False)
         for u in self.users:
+            # Whatever a stopped run left running as the user (a pull, a
+            # peer-shell, an rsync) would keep its files, and userdel, busy.
+            harness.run_root(["pkill", "-KILL", "-U", str(u.uid)], check=False)
             with contextlib.suppress(Exception):
                 u.delete()
         shutil.rmtree(self.root, ignore_errors=True)
@@ -789,10 +811,12 @@ def case_compress(env: Env, sizes: Sizes, runs: int) -> Row:
     ns_s, ns_c = f"pkb-s{tag}", f"pkb-c{tag}"
     vs, vc = f"pkb{tag}s", f"pkb{tag}c"
     try:
-        harness.run_root(["ip", "netns", "add", ns_s])
+        # Each listed before it is made: a failure halfway still removes it.
         env.netns.append(ns_s)
-        harness.run_root(["ip", "netns", "add", ns_c])
+        harness.run_root(["ip", "netns", "add", ns_s])
         env.netns.append(ns_c)
+        harness.run_root(["ip", "netns", "add", ns_c])
+        env.links.append(vs)
         harness.run_root(["ip", "link", "add", vs, "type", "veth", "peer", "name", vc])
         harness.run_root(["ip", "link", "set", vs, "netns", ns_s])
         harness.run_root(["ip", "link", "set", vc, "netns", ns_c])
@@ -808,8 +832,8 @@ def case_compress(env: Env, sizes: Sizes, runs: int) -> Row:
         return row
     us, uc = env.user(), env.user()
     sshd = NsSshd(env.root / "sshd-ns", [us.name, uc.name], ns_s, "10.77.0.1")
-    sshd.start()
     env.servers.append(sshd)
+    sshd.start()
     src = harness.PeerkitInstance(us, "site-s", sshd).init()
     dst = harness.PeerkitInstance(uc, "site-c", sshd).init()
     harness.pair_both_ways(src, dst)
@@ -902,6 +926,63 @@ RUNNERS = {
 }
 
 
+class Stopped(BaseException):
+    """A signal asked the run to stop: what is done is reported, everything made is removed."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"stopped by {signal.Signals(signum).name}")
+        self.signum = signum
+
+
+class StopSignals:
+    """SIGTERM, SIGHUP and SIGINT ask the run to stop; :meth:`check` raises :class:`Stopped` at the next step.
+
+    Killed outright, a run would leave its throwaway accounts, sshd, servers,
+    network namespaces and gigabytes of data behind.  The handler only takes
+    note: an exception raised from it could land anywhere, and in two places
+    it did harm (inside ``pwd.getpwnam``, where C code dropped it and the run
+    went on; inside ``subprocess.Popen``, after the fork and before the
+    object existed, so a ``useradd`` nobody could kill or wait for made its
+    account after the clean-up).  The run stops where it checks instead:
+    before each case, each timed command and every few MiB of generated data,
+    and while a timed command runs (which is then killed).  A SIGINT the run
+    was started ignoring (``bench &`` from a script) stays ignored: stop such
+    a run with SIGTERM.
+    """
+
+    HANDLED = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self.cleaning = False
+
+    def install(self) -> None:
+        for sig in self.HANDLED:
+            if signal.getsignal(sig) is not signal.SIG_IGN:
+                signal.signal(sig, self._handler)
+
+    def _handler(self, signum: int, _frame: object) -> None:
+        name = signal.Signals(signum).name
+        if self.signum is None:
+            self.signum = signum
+            print(f"peerkit-bench: {name}: stopping", file=sys.stderr, flush=True)
+        else:
+            print(f"peerkit-bench: {name}: already stopping"
+                  + ("; still removing what the run made" if self.cleaning else ""), file=sys.stderr, flush=True)
+
+    def stopped(self) -> "Stopped | None":
+        """The stop a signal asked for, if one came."""
+        return None if self.signum is None else Stopped(self.signum)
+
+    def check(self) -> None:
+        """Raise the stop a signal asked for (never once the clean-up began)."""
+        if self.signum is not None and not self.cleaning:
+            raise Stopped(self.signum)
+
+
+STOP = StopSignals()  # installed by main(); scripts that import this module keep their own handlers
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="peerkit-bench", description=__doc__)
     ap.add_argument("--quick", action="store_true", help="scaled-down data sets (said so in the table title)")
@@ -927,10 +1008,16 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     info = machine()
-    env = Env(harness.make_root("peerkit-bench-"))
+    stopped: Stopped | None = None
     rows: list[Row] = []
+    env: Env | None = None
+    done = 0  # cases that have their rows
     try:
+        STOP.install()
+        env = Env(harness.make_root("peerkit-bench-"))
+        print(f"working in {env.root} (removed at the end, or on SIGTERM)", flush=True)
         for case in cases:
+            STOP.check()
             print(f"== {case}", flush=True)
             t = time.monotonic()
             try:
@@ -939,9 +1026,17 @@ def main(argv: list[str] | None = None) -> int:
             except Exception as exc:  # noqa: BLE001 - one broken case must not lose the others
                 traceback.print_exc()
                 rows.append(Row(case, case, "", "", note=f"not run: {type(exc).__name__}: {str(exc)[:200]}"))
+            done += 1
             print(f"   ({time.monotonic() - t:.0f}s)", flush=True)
+    except Stopped as exc:
+        stopped = exc
+        print(f"peerkit-bench: {exc}: removing the test accounts, servers and data", file=sys.stderr, flush=True)
     finally:
-        env.close()
+        STOP.cleaning = True
+        if env is not None:
+            env.close()
+    stopped = stopped or STOP.stopped()  # one that came after the last check
+    rows += [Row(case, case, "", "", note=f"not run: {stopped}") for case in cases[done:]]
     md = markdown(rows, info, args.quick, runs)
     (out / "results.md").write_text(md, encoding="utf-8")
     (out / "results.json").write_text(json.dumps(
@@ -950,4 +1045,4 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(md)
     print(f"written: {out / 'results.md'}, {out / 'results.json'}")
-    return 0
+    return 0 if stopped is None else 128 + stopped.signum

@@ -140,3 +140,78 @@ def test_an_include_loop_ends(tmp_path, monkeypatch):
 @pytest.mark.parametrize("module", ["peerkit.server", "peerkit.rsync", "peerkit.push"])
 def test_every_module_that_uses_asyncssh_imports_it_through_sshimport(module):
     assert probe(module)["started"] == []
+
+
+# -- client options built in the event loop -----------------------------------------------
+
+def test_client_connection_options_are_built_without_a_worker_thread():
+    import asyncio
+    import threading
+
+    asyncssh = sshimport.asyncssh
+
+    async def build() -> tuple[object, int, int]:
+        before = threading.active_count()
+        options = await asyncssh.SSHClientConnectionOptions.construct(
+            None, host="peer.example", port=2222, username="peerkit", config=None, known_hosts=None,
+            client_keys=None, agent_path=None, x509_trusted_certs=None)
+        return options, before, threading.active_count()
+
+    options, before, after = asyncio.run(build())
+    assert after == before  # asyncssh's own construct starts the loop's thread pool here
+    assert (options.host, options.port, options.username) == ("peer.example", 2222, "peerkit")
+    assert options.known_hosts is None and options.client_keys is None
+    # The server's options (the same base class) keep asyncssh's method.
+    shared = asyncssh.connection.SSHConnectionOptions.__dict__["construct"]
+    assert asyncssh.SSHServerConnectionOptions.construct.__func__ is shared.__func__
+
+
+class _Options:
+    def __init__(self, options: object = None, *, loop: object = None, **kwargs: object) -> None:
+        self.loop, self.kwargs = loop, kwargs
+
+
+class _Expected(_Options):
+    @classmethod
+    async def construct(cls, options: object = None, **kwargs: object) -> object:
+        raise AssertionError("the original ran")
+
+
+def test_options_in_loop_replaces_construct_on_the_class_given_only():
+    import asyncio
+
+    class Client(_Expected):
+        pass
+
+    assert sshimport.options_in_loop(Client) is True
+
+    async def build() -> tuple[object, object]:
+        return await Client.construct(None, host="h"), asyncio.get_running_loop()
+
+    options, loop = asyncio.run(build())
+    assert isinstance(options, Client) and options.kwargs == {"host": "h"} and options.loop is loop
+    assert "construct" not in _Options.__dict__ and _Expected.__dict__["construct"].__func__.__name__ == "construct"
+    with pytest.raises(AssertionError, match="the original ran"):
+        asyncio.run(_Expected.construct(None))
+
+
+def test_options_in_loop_leaves_any_other_construct_alone():
+    class Synchronous(_Options):
+        @classmethod
+        def construct(cls, options: object = None, **kwargs: object) -> object:
+            return cls(options, **kwargs)
+
+    class OtherSignature(_Options):
+        @classmethod
+        async def construct(cls, options: object = None, *, loop: object = None, **kwargs: object) -> object:
+            return cls(options, loop=loop, **kwargs)
+
+    class Static(_Options):
+        @staticmethod
+        async def construct(options: object = None, **kwargs: object) -> object:
+            return None
+
+    for cls in (Synchronous, OtherSignature, Static, _Options):
+        before = cls.__dict__.get("construct")
+        assert sshimport.options_in_loop(cls) is False
+        assert cls.__dict__.get("construct") is before

@@ -139,12 +139,15 @@ def options_in_loop(cls: type) -> bool:
 
     ``asyncssh.connect`` builds every connection's options in the event
     loop's default executor, because they may read ~/.ssh/config, key files
-    and known_hosts files.  peerkit passes all of those as objects or turns
-    them off (``config=None``, our key, the pinned host key, no agent, no
-    X.509), which leaves a few environment lookups and ``stat`` calls, and
-    the hop to a worker thread and back (thread start-up, the GIL passed
-    back and forth) costs more than they do: 15-18 ms of a `ping --all` to
-    50 peers that takes 0.28 s (README, Benchmarks).  Anything but the method this was written against (an
+    and known_hosts files.  The client passes all of those as objects or
+    turns them off (``config=None``, our key, the pinned host key, no agent,
+    no X.509), which leaves a few environment lookups and ``stat`` calls,
+    and the hop to a worker thread and back (thread start-up, the GIL
+    passed back and forth) costs more than they do: 15-18 ms of a
+    `ping --all` to 50 peers that takes 0.28 s (README, Benchmarks).  The
+    one other caller, doctor's ``get_server_host_key``, lets asyncssh read
+    the default key files: in a one-shot command whose loop has nothing
+    else to do.  Anything but the method this was written against (an
     async classmethod ``construct(options=None, **kwargs)`` that returns
     ``cls(options, loop=loop, **kwargs)``) is left alone.
     """
@@ -159,7 +162,7 @@ def options_in_loop(cls: type) -> bool:
         return False
 
     async def construct(cls: type, options: object = None, **kwargs: object) -> object:
-        return cls(options, loop=asyncio.get_event_loop(), **kwargs)
+        return cls(options, loop=asyncio.get_running_loop(), **kwargs)
 
     construct.__doc__ = original.__func__.__doc__
     cls.construct = classmethod(construct)  # type: ignore[attr-defined]

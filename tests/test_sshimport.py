@@ -190,8 +190,8 @@ def test_options_in_loop_replaces_construct_on_the_class_given_only():
 
     options, loop = asyncio.run(build())
     assert isinstance(options, Client) and options.kwargs == {"host": "h"} and options.loop is loop
-    assert "construct" not in _Options.__dict__ and _Expected.__dict__["construct"].__func__.__name__ == "construct"
-    with pytest.raises(AssertionError, match="the original ran"):
+    assert "construct" not in _Options.__dict__
+    with pytest.raises(AssertionError, match="the original ran"):  # the base class keeps its own
         asyncio.run(_Expected.construct(None))
 
 

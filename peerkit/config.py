@@ -182,13 +182,22 @@ def _from_document(data: Any, path: Path) -> Config:
 
 def read_config(path: str | os.PathLike | None = None) -> Config:
     """Read and validate the configuration file."""
+    return config_from_text(*read_config_text(path))
+
+
+def read_config_text(path: str | os.PathLike | None = None) -> tuple[Path, str]:
+    """Return where the configuration file is and its text."""
     cfg_path = locate(path)
     try:
-        text = cfg_path.read_text(encoding="utf-8")
+        return cfg_path, cfg_path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise NotInitialized(f"no configuration at {cfg_path}") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{cfg_path}: cannot read: {exc}") from None
+
+
+def config_from_text(cfg_path: Path, text: str) -> Config:
+    """Parse (through yamlcache) and validate ``text``, read from ``cfg_path``."""
     return _from_document(yamlcache.load(cfg_path, text, lambda t: _parse_yaml(t, cfg_path)), cfg_path)
 
 

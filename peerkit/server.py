@@ -21,6 +21,7 @@ import asyncio
 import base64
 import contextlib
 import fnmatch
+import functools
 import ipaddress
 import os
 import shlex
@@ -29,11 +30,12 @@ import time
 from collections import defaultdict, deque
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from types import MappingProxyType
 from typing import Any, Callable
 
 from .sshimport import asyncssh
 
-from . import audit, authkeys
+from . import audit, authkeys, shell
 from .config import Config
 from .errors import PeerkitError
 
@@ -143,13 +145,20 @@ class Grant:
     config_path: str
 
 
+@functools.lru_cache(maxsize=1024)
+def _parsed_options(options: str) -> MappingProxyType:
+    # Asked at every authentication, of the same few lines: a pure function
+    # of the option text (the file itself is read afresh each time).
+    return MappingProxyType(parse_options(options))
+
+
 def find_grant(cfg: Config, key_b64: str, address: str) -> tuple[Grant | None, str]:
     """Return the grant of the key line matching ``key_b64`` for ``address``, or why there is none."""
     lines = authkeys.read_authorized_keys(cfg.ssh.authorized_keys)
     for _, entry in lines.entries():
         if entry.b64 != key_b64 or entry.peer is None:
             continue
-        options = parse_options(entry.options)
+        options = _parsed_options(entry.options)
         # Exactly what sshd would refuse: another source, a past expiry.
         if "from" in options and not source_allowed(options["from"], address):
             return None, "source address not allowed by from="
@@ -179,6 +188,10 @@ class _State:
         self.live: set[_Server] = set()  # counted connections, closed on shutdown
         self.sessions: dict[str, int] = defaultdict(int)
         self.failures: dict[str, deque[float]] = defaultdict(deque)
+        # The config (by its text) and peers.db connections, kept between
+        # requests: one set for the worker threads, one for the event loop.
+        self.cache = shell.Cache()
+        self.loop_cache = shell.Cache(in_loop=True)
 
     def log(self, **fields: Any) -> None:
         with contextlib.suppress(OSError):
@@ -320,6 +333,15 @@ class _Server(asyncssh.SSHServer):
         return self.refuse("forward", "streamlocal-forward (ssh -R from a socket)")
 
 
+def _drain(fd: int) -> bytes:
+    """Return what a non-blocking pipe holds (its writer closed)."""
+    chunks = []
+    with contextlib.suppress(BlockingIOError):
+        while chunk := os.read(fd, 1 << 16):
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
 def _refuse_env(packet: Any) -> bool:
     packet.get_string()
     packet.get_string()
@@ -327,7 +349,7 @@ def _refuse_env(packet: Any) -> bool:
 
 
 class _Session(asyncssh.SSHServerSession):
-    """One exec request, served by peer-shell's dispatcher in a worker thread."""
+    """One exec request, served by peer-shell's dispatcher in a worker thread (a ping: in the event loop)."""
 
     def __init__(self, server: _Server) -> None:
         self.server = server
@@ -366,18 +388,19 @@ class _Session(asyncssh.SSHServerSession):
         server = self.server
         grant = server.grant
         assert grant is not None and self.chan is not None
+        env = {"SSH_CONNECTION": f"{server.address} {server.port} {server.local[0]} {server.local[1]}"}
+        if self.command == "ping" and self._answer_here(grant, env):
+            return
         ours, theirs = zip(*(socket.socketpair() for _ in range(3)))
         for sock in ours:
             sock.setblocking(False)
         self.socks = list(ours)
-        env = {"SSH_CONNECTION": f"{server.address} {server.port} {server.local[0]} {server.local[1]}"}
         fds = [s.detach() for s in theirs]
+        cache = server.state.cache
 
         def work() -> int:
-            from .shell import serve
-
             try:
-                return serve(grant.config_path, grant.peer, self.command, env, *fds)
+                return shell.serve(grant.config_path, grant.peer, self.command, env, *fds, cache=cache)
             except Exception:  # noqa: BLE001 - a crash must not kill the server
                 return 1
             finally:
@@ -390,6 +413,51 @@ class _Session(asyncssh.SSHServerSession):
                       asyncio.ensure_future(self._relay(self.socks[1], self.chan.write)),
                       asyncio.ensure_future(self._relay(self.socks[2], self.chan.write_stderr)),
                       asyncio.ensure_future(self._finish())]
+
+    def _answer_here(self, grant: Grant, env: dict[str, str]) -> bool:
+        """Serve a ping in the event loop; False: peers.db was busy, so a worker thread must.
+
+        A ping reads a small file, one peers.db row and appends one audit
+        line, and writes less than a kilobyte: less work than the hop to a
+        worker thread, three socket pairs and four relay tasks that any
+        other verb needs (with the caches, a quarter of a server's CPU per
+        ping; README, Benchmarks).  Only waiting on peers.db could hold
+        up the loop, and the loop's lookups never wait (shell.Cache).  The
+        pipes are non-blocking: output beyond their 64 KiB would make the
+        request fail, never stall the loop.
+        """
+        assert self.chan is not None
+        fds: list[int] = []  # closed once each: another thread may reuse a number at once
+        try:
+            stdin = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+            fds.append(stdin)
+            out_r, out_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+            fds += (out_r, out_w)
+            err_r, err_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+            fds += (err_r, err_w)
+            try:
+                status = shell.serve(grant.config_path, grant.peer, self.command, env,
+                                     stdin, out_w, err_w, cache=self.server.state.loop_cache)
+            except shell.Deferred:
+                return False
+            except Exception:  # noqa: BLE001 - a crash must not kill the server
+                status = 1
+            for fd in (out_w, err_w):
+                fds.remove(fd)
+                os.close(fd)
+            out, err = _drain(out_r), _drain(err_r)
+        finally:
+            for fd in fds:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        with contextlib.suppress(OSError, asyncssh.Error):
+            if out:
+                self.chan.write(out)
+            if err:
+                self.chan.write_stderr(err)
+            self.chan.exit(status)
+        self._release()
+        return True
 
     def data_received(self, data: bytes, datatype: int | None) -> None:
         self.inbox.put_nowait(data)
@@ -479,6 +547,9 @@ async def _listen(cfg: Config, listen: str, port: int, state: _State) -> asyncss
             listen, port, server_host_keys=[host_key], server_factory=lambda: _Server(state),
             allow_pty=False, agent_forwarding=False, x11_forwarding=False, sftp_factory=None,
             allow_scp=False, login_timeout=limits.auth_timeout, encryption_algs=encryption_algs(),
+            # No GSSAPI: asyncssh would otherwise ask for our FQDN (a DNS
+            # lookup) every time it builds a connection's options.
+            gss_host=None, gss_kex=False, gss_auth=False,
             keepalive_interval=30, keepalive_count_max=4, config=None, reuse_address=True)
     except OSError as exc:
         raise PeerkitError(f"cannot listen on {listen}:{port}: {exc}") from None

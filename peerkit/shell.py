@@ -20,7 +20,7 @@ from typing import Any
 
 from . import __version__, audit, grammar
 from .command import Request, parse_command
-from .errors import PeerkitError, PeerRefused
+from .errors import Busy, PeerkitError, PeerRefused
 from .rsyncargs import RSYNC_PATH
 
 USAGE = "usage: peer-shell --config PATH PEER-NAME  (run by sshd as a forced command)"
@@ -51,12 +51,72 @@ def _parse_argv(argv: list[str]) -> tuple[str, str]:
     return argv[1], argv[2]
 
 
+class Deferred(Exception):
+    """peers.db was busy and the request must not wait in the event loop: nothing was sent or recorded."""
+
+
+class Cache:
+    """What `peerkit serve` keeps between the requests it serves in-process.
+
+    The config is read on every request, as peer-shell reads it, and parsed
+    and validated again only when its text changed (nothing but the text
+    goes into it).  peers.db is read through one read-only connection per
+    thread, kept open and opened again when the path names another file (a
+    replaced database): each lookup is a fresh read, so a peer removed,
+    expired or restricted is refused at its very next request, as with a
+    connection per request.  ``in_loop`` is the event loop's own cache: a
+    lookup that finds a writer holding the database raises Deferred at once
+    instead of waiting (up to 10 s) with every session of the server.
+    """
+
+    def __init__(self, *, in_loop: bool = False) -> None:
+        import threading  # here: peer-shell under sshd never makes one
+
+        self.in_loop = in_loop
+        self._config: tuple[tuple[Any, str], Any] | None = None
+        self._local = threading.local()
+
+    def config(self, path: str) -> Any:
+        from .config import config_from_text, read_config_text
+
+        cfg_path, text = read_config_text(path)
+        cached = self._config  # one read of the attribute: another thread may replace it
+        if cached is None or cached[0] != (cfg_path, text):
+            cached = self._config = ((cfg_path, text), config_from_text(cfg_path, text))
+        return cached[1]
+
+    def peer(self, cfg: Any, name: str) -> Any:
+        """Return peer ``name``'s record, or None; raise StateError, or Busy (locked, in the loop)."""
+        from .state import PeerStore, StateError
+
+        try:
+            st = os.stat(cfg.db_path)
+        except OSError as exc:
+            raise StateError(f"{cfg.db_path}: {exc}") from None
+        key = (str(cfg.db_path), st.st_dev, st.st_ino)
+        stores: dict = self._local.__dict__.setdefault("stores", {})
+        store = stores.get(key)
+        if store is None:
+            for old in stores.values():
+                old.close()
+            stores.clear()
+            store = stores[key] = PeerStore(cfg.db_path, readonly=True, timeout=0 if self.in_loop else 10)
+        try:
+            return store.get(name)
+        except StateError:  # not Busy: a locked file is fine to ask again
+            if stores.pop(key, None) is not None:
+                store.close()
+            raise
+
+
 def serve(config_path: str, peer: str, original: str | None, env: dict[str, str],
-          stdin_fd: int = 0, stdout_fd: int = 1, stderr_fd: int = 2) -> int:
+          stdin_fd: int = 0, stdout_fd: int = 1, stderr_fd: int = 2, *, cache: Cache | None = None) -> int:
     """Run one request for ``peer`` on the given descriptors; return the exit status.
 
     sshd runs it through main() on fds 0-2; the embedded server calls it
-    in-process with socket pairs.
+    in-process with socket pairs (or pipes), and its ``cache``.  Raises
+    Deferred (only with an ``in_loop`` cache) before anything is sent or
+    recorded.
     """
     from .config import read_config
 
@@ -65,10 +125,10 @@ def serve(config_path: str, peer: str, original: str | None, env: dict[str, str]
     event: dict[str, Any] = {"peer": peer, "client": client, "client_port": client_port}
     cfg = None
     try:
-        cfg = read_config(config_path)
+        cfg = cache.config(config_path) if cache is not None else read_config(config_path)
         request = parse_command(original)
         event.update(verb=request.verb, slug=request.slug, bytes=0)
-        row = _require_paired(cfg, peer)
+        row = _require_paired(cfg, peer, cache)
         _dispatch(cfg, row, request, (stdin_fd, stdout_fd, stderr_fd), event)
         event.update(outcome="ok")
         status = 0
@@ -97,15 +157,22 @@ def serve(config_path: str, peer: str, original: str | None, env: dict[str, str]
     return status
 
 
-def _require_paired(cfg: Any, peer: str) -> Any:
+def _require_paired(cfg: Any, peer: str, cache: Cache | None = None) -> Any:
     """Return the caller's peer record; refuse unknown and expired peers."""
     from .state import PeerStore, StateError
 
     # The key line alone is not enough: a line left behind by a crashed
     # unpair, or a peer whose row was removed, gets nothing.
     try:
-        with PeerStore(cfg.db_path, readonly=True) as store:
-            row = store.get(peer)
+        if cache is not None:
+            row = cache.peer(cfg, peer)
+        else:
+            with PeerStore(cfg.db_path, readonly=True) as store:
+                row = store.get(peer)
+    except Busy:
+        if cache is not None and cache.in_loop:
+            raise Deferred from None  # asked again from a worker thread, which may wait
+        row = None
     except StateError:
         row = None
     if row is None:

@@ -13,9 +13,9 @@ ld.so.conf lists, and the default ones.  A host with liboqs or nettle in
 any of them keeps what asyncssh builds on them; after the import,
 ``ctypes.util.find_library`` is ctypes' own again.  asyncssh's X.509
 certificate module, which peerkit never uses, is not imported at all
-(``_Skip``), and each client connection's options are built in the event
-loop instead of a worker thread (``options_in_loop``).  Modules that use
-asyncssh import it from here (``from .sshimport import asyncssh``).
+(``_Skip``), and each connection's options, client or server, are built in
+the event loop instead of a worker thread (``options_in_loop``).  Modules
+that use asyncssh import it from here (``from .sshimport import asyncssh``).
 """
 
 from __future__ import annotations
@@ -135,21 +135,25 @@ class _Skip:
 
 
 def options_in_loop(cls: type) -> bool:
-    """Make ``cls.construct`` (asyncssh's client options) build them in the calling thread; return whether it did.
+    """Make ``cls.construct`` (asyncssh's connection options) build them in the calling thread; return whether it did.
 
-    ``asyncssh.connect`` builds every connection's options in the event
-    loop's default executor, because they may read ~/.ssh/config, key files
-    and known_hosts files.  The client passes all of those as objects or
-    turns them off (``config=None``, our key, the pinned host key, no agent,
-    no X.509), which leaves a few environment lookups and ``stat`` calls,
-    and the hop to a worker thread and back (thread start-up, the GIL
-    passed back and forth) costs more than they do: 15-18 ms of a
-    `ping --all` to 50 peers that takes 0.28 s (README, Benchmarks).  The
-    one other caller, doctor's ``get_server_host_key``, lets asyncssh read
-    the default key files: in a one-shot command whose loop has nothing
-    else to do.  Anything but the method this was written against (an
-    async classmethod ``construct(options=None, **kwargs)`` that returns
-    ``cls(options, loop=loop, **kwargs)``) is left alone.
+    asyncssh builds every connection's options in the event loop's default
+    executor (the server's again at each login, to apply config ``Match``
+    blocks), because they may read ~/.ssh/config, key files, known_hosts
+    and authorized_keys files.  peerkit passes all of those as objects or
+    turns them off: the client ``config=None``, our key, the pinned host
+    key, no agent, no X.509; the server (`peerkit serve`) ``config=None``,
+    its host key, no authorized_keys file (it checks keys itself), no
+    GSSAPI host name to look up.  What is left is a few environment
+    lookups and ``stat`` calls, and the hop to a worker thread and back
+    (thread start-up, the GIL passed back and forth) costs more than they
+    do: 15-18 ms of a `ping --all` to 50 peers that takes 0.28 s, and about
+    a tenth of a server's CPU per ping (README, Benchmarks).  The one other
+    caller, doctor's ``get_server_host_key``, lets asyncssh read the default
+    key files: in a one-shot command whose loop has nothing else to do.
+    Anything but the method this was written against (an async classmethod
+    ``construct(options=None, **kwargs)`` that returns ``cls(options,
+    loop=loop, **kwargs)``) is left alone.
     """
     import asyncio
     import inspect
@@ -188,6 +192,7 @@ def _import() -> None:
         ctypes.util.find_library = original
         sys.meta_path.remove(skip)
     options_in_loop(module.SSHClientConnectionOptions)
+    options_in_loop(module.SSHServerConnectionOptions)
 
 
 _import()

@@ -10,7 +10,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from .errors import StateError
+from .errors import Busy, StateError
 
 KIND_DIRECT = "direct-ssh-direct"
 
@@ -108,7 +108,8 @@ class Peer:
 class PeerStore:
     """Access to ``peers.db``."""
 
-    def __init__(self, db_path: Path, *, readonly: bool = False) -> None:
+    def __init__(self, db_path: Path, *, readonly: bool = False, timeout: float = 10) -> None:
+        """Open ``db_path``; a statement that finds it locked waits up to ``timeout`` s."""
         self.path = db_path
         try:
             if readonly:
@@ -116,12 +117,12 @@ class PeerStore:
                 # Quoted: a '#', '?' or '%' in the path would otherwise end or
                 # alter the URI and open (and create) some other file.
                 self.db = sqlite3.connect(f"file:{urllib.parse.quote(str(db_path))}?mode=ro",
-                                          uri=True, timeout=10)
+                                          uri=True, timeout=timeout)
             else:
                 db_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
                 old_umask = os.umask(0o077)
                 try:
-                    self.db = sqlite3.connect(db_path, timeout=10)
+                    self.db = sqlite3.connect(db_path, timeout=timeout)
                 finally:
                     os.umask(old_umask)
                 self._migrate()
@@ -175,11 +176,13 @@ class PeerStore:
                     permissions, expires_at)
 
     def get(self, name: str) -> Peer | None:
-        """Return the peer called ``name``, or None."""
+        """Return the peer called ``name``, or None; raise Busy if a writer held the file past the timeout."""
         try:
             row = self.db.execute(f"SELECT {self._COLUMNS} FROM peers WHERE name = ?", (name,)).fetchone()
         except sqlite3.Error as exc:
-            raise StateError(f"{self.path}: {exc}") from None
+            # SQLITE_BUSY / SQLITE_LOCKED (extended codes keep them in the low byte).
+            busy = (getattr(exc, "sqlite_errorcode", 0) & 0xFF) in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+            raise (Busy if busy else StateError)(f"{self.path}: {exc}") from None
         return self._row(row) if row else None
 
     def all(self) -> list[Peer]:

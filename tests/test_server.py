@@ -352,3 +352,104 @@ def test_a_client_gone_mid_stream_is_audited_as_disconnected(alpha_beta):
     assert (event["verb"], event["slug"], event["outcome"]) == ("stream-app", "big", "disconnected")
     assert 0 < event["bytes"] < 4 << 20
     assert event["client"] == "192.0.2.7"
+
+
+# -- the server in-process: a real asyncssh client and server on loopback --------------------
+
+async def _serving(alpha: Config, beta: Config):
+    """Start alpha's server on a free port and point beta's record of alpha at it."""
+    from peerkit import server
+    from peerkit.state import PeerStore
+
+    acceptor = await server.start(alpha, listen="127.0.0.1", port=0)
+    with PeerStore(beta.db_path) as store:
+        peer = store.get("alpha")
+        peer.config.update(host="127.0.0.1", port=acceptor.get_port())
+        store.put(peer)
+    return acceptor
+
+
+@pytest.fixture
+def both_ways(alpha_beta) -> tuple[Config, Config]:
+    alpha, beta = alpha_beta
+    pairing.pair(beta, pairing.our_token(alpha)[0])
+    return alpha, beta
+
+
+def test_a_ping_is_answered_in_the_event_loop_and_nothing_asks_for_our_host_name(both_ways, monkeypatch):
+    """No worker thread, no thread pool, no DNS: the ping, the options of both sides, the login."""
+    import asyncio
+    import threading
+
+    from peerkit import audit, client
+
+    alpha, beta = both_ways
+    (alpha.apps_dir / "wiki").mkdir(parents=True)
+
+    def no_dns(*args: object) -> str:
+        raise AssertionError("looked up a host name")
+
+    monkeypatch.setattr(socket, "getfqdn", no_dns)
+
+    async def run() -> tuple[dict, int, int, dict]:
+        acceptor = await _serving(alpha, beta)
+        try:
+            before = threading.active_count()
+            answer = await client.ping_peer(beta, "alpha")
+            after_ping = threading.active_count()
+            # Other verbs still run in worker threads, with the same caches.
+            with client.PeerStore(beta.db_path) as store:
+                conn = await client.connect(beta, store.get("alpha"), store)
+            async with conn:
+                listing = await client.list_apps(conn)
+            return answer, before, after_ping, listing
+        finally:
+            acceptor.close()
+            await acceptor.wait_closed()
+
+    answer, before, after_ping, listing = asyncio.run(run())
+    assert answer["remote_name"] == "alpha"
+    assert after_ping == before  # asyncssh's own options, or a threaded ping, start the thread pool
+    assert [a["slug"] for a in listing["apps"]] == ["wiki"]
+    assert [e["verb"] for e in audit.read_events(alpha.audit_log) if e.get("peer") == "beta"] == ["ping", "list-apps"]
+
+
+def test_a_ping_that_finds_peers_db_locked_waits_in_a_worker_thread_not_in_the_loop(both_ways):
+    import asyncio
+    import sqlite3
+
+    from peerkit import client
+
+    alpha, beta = both_ways
+    writer = sqlite3.connect(alpha.db_path, isolation_level=None, check_same_thread=False)
+
+    async def run() -> tuple[dict, float, int]:
+        acceptor = await _serving(alpha, beta)
+        ticks = 0
+
+        async def ticker() -> None:
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.01)
+                ticks += 1
+
+        try:
+            writer.execute("BEGIN EXCLUSIVE")
+            loop = asyncio.get_running_loop()
+            loop.call_later(0.5, writer.execute, "ROLLBACK")
+            tick = asyncio.ensure_future(ticker())
+            started = loop.time()
+            answer = await client.ping_peer(beta, "alpha")
+            tick.cancel()
+            return answer, loop.time() - started, ticks
+        finally:
+            acceptor.close()
+            await acceptor.wait_closed()
+
+    try:
+        answer, elapsed, ticks = asyncio.run(run())
+    finally:
+        writer.close()
+    assert answer["remote_name"] == "alpha"  # answered, not refused: it waited for the writer
+    assert elapsed >= 0.45
+    assert ticks >= 20  # and the event loop went on meanwhile

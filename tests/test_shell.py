@@ -13,6 +13,7 @@ import pytest
 from peerkit import __version__, audit, pairing
 from peerkit.apps import archive_size
 from peerkit.config import Config
+from peerkit.errors import PeerRefused
 from peerkit.state import PeerStore
 from tests.instances import make_instance
 
@@ -210,3 +211,91 @@ def test_version_and_help():
     assert proc.returncode == 0 and proc.stdout == f"peer-shell {__version__}\n"
     proc = subprocess.run([str(PEER_SHELL), "--help"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and proc.stdout.startswith("usage: peer-shell")
+
+
+# -- in-process, as `peerkit serve` runs it: shell.Cache -------------------------------------
+
+def serve_in_process(cfg: Config, command: str, cache) -> tuple[int, bytes, bytes]:
+    from peerkit import shell
+
+    out_r, out_w = os.pipe()
+    err_r, err_w = os.pipe()
+    with open(os.devnull, "rb") as stdin:
+        try:
+            status = shell.serve(str(cfg.path), "beta", command, {"SSH_CONNECTION": SSH_CONNECTION},
+                                 stdin.fileno(), out_w, err_w, cache=cache)
+        finally:
+            os.close(out_w)
+            os.close(err_w)
+            with os.fdopen(out_r, "rb") as out, os.fdopen(err_r, "rb") as err:
+                got = out.read(), err.read()
+    return status, *got
+
+
+@pytest.fixture
+def pair_here(tmp_path) -> Config:
+    alpha = make_instance(tmp_path / "alpha", "alpha")
+    beta = make_instance(tmp_path / "beta", "beta")
+    pairing.pair(alpha, pairing.our_token(beta)[0])
+    return alpha
+
+
+def test_the_cache_parses_the_config_again_only_when_its_text_changed(pair_here):
+    from peerkit import shell
+
+    cache = shell.Cache()
+    first = cache.config(str(pair_here.path))
+    assert cache.config(str(pair_here.path)) is first
+    text = pair_here.path.read_text()
+    pair_here.path.write_text(text.replace("name: alpha", "name: alpha-two"))
+    changed = cache.config(str(pair_here.path))
+    assert changed is not first and changed.name == "alpha-two"
+    status, out, _ = serve_in_process(pair_here, "ping", cache)
+    assert status == 0 and json.loads(out)["peer"] == "alpha-two"
+
+
+def test_the_cache_keeps_one_connection_and_sees_every_change_at_the_next_request(pair_here):
+    from peerkit import shell
+
+    cache = shell.Cache()
+    assert serve_in_process(pair_here, "ping", cache)[0] == 0
+    (store,) = cache._local.stores.values()
+    assert serve_in_process(pair_here, "ping", cache)[0] == 0
+    assert list(cache._local.stores.values()) == [store]  # the same connection
+    # Revoked: refused at the very next request, through that connection.
+    with PeerStore(pair_here.db_path) as rw:
+        saved = rw.get("beta")
+        rw.db.execute("DELETE FROM peers WHERE name = 'beta'")
+        rw.db.commit()
+    status, out, err = serve_in_process(pair_here, "ping", cache)
+    assert (status, out, json.loads(err)) == (PeerRefused.exit_code, b"", {"ok": False, "error": "refused"})
+    # A database replaced by another file (a restore) is opened again, not read through the old one.
+    copy = pair_here.db_path.with_name("copy.db")
+    with PeerStore(copy) as rw:
+        rw.put(saved)
+    os.replace(copy, pair_here.db_path)
+    assert serve_in_process(pair_here, "ping", cache)[0] == 0
+    assert list(cache._local.stores.values()) != [store]
+
+
+def test_the_event_loops_cache_defers_a_request_that_would_wait_for_a_writer(pair_here):
+    import sqlite3
+
+    from peerkit import shell
+
+    before = len(events(pair_here))
+    writer = sqlite3.connect(pair_here.db_path, isolation_level=None, check_same_thread=False)
+    writer.execute("BEGIN EXCLUSIVE")
+    try:
+        with pytest.raises(shell.Deferred):
+            serve_in_process(pair_here, "ping", shell.Cache(in_loop=True))
+        # Nothing was said or recorded: the worker thread that takes it over does both.
+        assert len(events(pair_here)) == before
+        # Any other cache waits for the writer, as peer-shell always has (here: up to 10 s).
+        import threading
+        threading.Timer(0.3, lambda: writer.execute("ROLLBACK")).start()
+        status, out, _ = serve_in_process(pair_here, "ping", shell.Cache())
+        assert status == 0 and json.loads(out)["ok"] is True
+    finally:
+        writer.close()
+    assert len(events(pair_here)) == before + 1

@@ -142,7 +142,7 @@ def test_every_module_that_uses_asyncssh_imports_it_through_sshimport(module):
     assert probe(module)["started"] == []
 
 
-# -- client options built in the event loop -----------------------------------------------
+# -- connection options built in the event loop ------------------------------------------
 
 def test_client_connection_options_are_built_without_a_worker_thread():
     import asyncio
@@ -161,9 +161,42 @@ def test_client_connection_options_are_built_without_a_worker_thread():
     assert after == before  # asyncssh's own construct starts the loop's thread pool here
     assert (options.host, options.port, options.username) == ("peer.example", 2222, "peerkit")
     assert options.known_hosts is None and options.client_keys is None
-    # The server's options (the same base class) keep asyncssh's method.
+    # Replaced where the client and server classes each look it up, not on their shared base.
     shared = asyncssh.connection.SSHConnectionOptions.__dict__["construct"]
-    assert asyncssh.SSHServerConnectionOptions.construct.__func__ is shared.__func__
+    assert asyncssh.SSHClientConnectionOptions.construct.__func__ is not shared.__func__
+
+
+def test_server_connection_options_are_built_without_a_worker_thread_or_a_dns_lookup(monkeypatch):
+    """As `peerkit serve` asks for them: at listen(), and again at every login (reload=True)."""
+    import asyncio
+    import socket
+    import threading
+
+    asyncssh = sshimport.asyncssh
+
+    def no_dns(*args: object) -> str:
+        raise AssertionError("looked up a host name")
+
+    monkeypatch.setattr(socket, "getfqdn", no_dns)
+    host_key = asyncssh.generate_private_key("ssh-ed25519")
+
+    async def build() -> tuple[object, object, int, int]:
+        before = threading.active_count()
+        options = await asyncssh.SSHServerConnectionOptions.construct(
+            None, server_host_keys=[host_key], config=None, gss_host=None, gss_kex=False, gss_auth=False,
+            allow_pty=False)
+        again = await asyncssh.SSHServerConnectionOptions.construct(
+            options=options, reload=True, accept_addr="127.0.0.1", accept_port=2222, username="peer",
+            client_host="127.0.0.1", client_addr="127.0.0.1")
+        return options, again, before, threading.active_count()
+
+    options, again, before, after = asyncio.run(build())
+    assert after == before
+    for built in (options, again):
+        assert built.gss_host is None and not built.authorized_client_keys
+        assert list(built.server_host_keys.values())[0].public_data == host_key.public_data
+    shared = asyncssh.connection.SSHConnectionOptions.__dict__["construct"]
+    assert asyncssh.SSHServerConnectionOptions.construct.__func__ is not shared.__func__
 
 
 class _Options:

@@ -219,3 +219,21 @@ def test_readonly_open_does_not_migrate(tmp_path):
             store.schema_version()
     with sqlite3.connect(path) as conn:
         assert conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0] == 0
+
+
+def test_a_read_that_finds_the_file_locked_raises_busy_after_its_timeout(tmp_path):
+    import sqlite3
+
+    from peerkit.errors import Busy
+
+    path = tmp_path / "peers.db"
+    PeerStore(path).close()
+    writer = sqlite3.connect(path, isolation_level=None)
+    writer.execute("BEGIN EXCLUSIVE")
+    try:
+        with PeerStore(path, readonly=True, timeout=0) as store, pytest.raises(Busy):
+            store.get("beta")
+    finally:
+        writer.close()
+    with PeerStore(path, readonly=True, timeout=0) as store:
+        assert store.get("beta") is None

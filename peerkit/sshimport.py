@@ -147,13 +147,13 @@ def options_in_loop(cls: type) -> bool:
     GSSAPI host name to look up.  What is left is a few environment
     lookups and ``stat`` calls, and the hop to a worker thread and back
     (thread start-up, the GIL passed back and forth) costs more than they
-    do: 15-18 ms of a `ping --all` to 50 peers that takes 0.28 s, and about
-    a tenth of a server's CPU per ping (README, Benchmarks).  The one other
-    caller, doctor's ``get_server_host_key``, lets asyncssh read the default
-    key files: in a one-shot command whose loop has nothing else to do.
-    Anything but the method this was written against (an async classmethod
-    ``construct(options=None, **kwargs)`` that returns ``cls(options,
-    loop=loop, **kwargs)``) is left alone.
+    do: 15-18 ms of a `ping --all` to 50 peers that takes 0.28 s, and 6%
+    of `peerkit serve`'s CPU per ping before the hop (README, Benchmarks).
+    The one other caller, doctor's ``get_server_host_key``, lets asyncssh
+    read the default key files: in a one-shot command whose loop has
+    nothing else to do.  Anything but the method this was written against
+    (an async classmethod ``construct(options=None, **kwargs)`` that
+    returns ``cls(options, loop=loop, **kwargs)``) is left alone.
     """
     import asyncio
     import inspect

@@ -5,7 +5,6 @@ from __future__ import annotations
 import errno
 import os
 import stat
-import subprocess
 from pathlib import Path
 from typing import Callable
 
@@ -81,19 +80,29 @@ def list_apps(apps_dir: Path) -> list[dict]:
 
     ``size_kb`` is the size of the archive ``stream-app`` would send, in KiB.
     """
-    apps = []
     try:
-        entries = list(os.scandir(apps_dir))
+        names = sorted(os.listdir(apps_dir))
     except FileNotFoundError:
         return []
-    for entry in entries:
-        # Names outside the slug grammar could never be requested; symlinks
-        # could point anywhere on the host, so neither is advertised.
-        if not grammar.is_slug(entry.name) or not entry.is_dir(follow_symlinks=False):
-            continue
-        size = archive_size(Path(entry.path))
-        apps.append({"slug": entry.name, "size_kb": (size + 1023) // 1024})
-    return sorted(apps, key=lambda app: app["slug"])
+    entries = (app_entry(apps_dir, name) for name in names)
+    return [entry for entry in entries if entry is not None]
+
+
+def app_entry(apps_dir: Path, slug: str) -> dict | None:
+    """Return ``{slug, size_kb}`` of app ``slug`` as list_apps() lists it, or None if it lists no such app."""
+    # Names outside the slug grammar could never be requested, and a name
+    # from a peer must not reach the filesystem before this check.
+    if not grammar.is_slug(slug):
+        return None
+    path = os.path.join(apps_dir, slug)
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    # A symlink could point anywhere on the host: never advertised.
+    if not stat.S_ISDIR(st.st_mode):
+        return None
+    return {"slug": slug, "size_kb": (archive_size(Path(path)) + 1023) // 1024}
 
 
 def app_path(apps_dir: Path, slug: str) -> Path:
@@ -137,6 +146,8 @@ ZSTD_SEND = ["zstd", "-3", "-T0", "-q", "-c"]
 def stream_app(app_dir: Path, out_fd: int, on_bytes: Callable[[int], None] | None = None,
                *, compress: bool = False) -> int:
     """Write ``app_dir`` as tar (zstd-compressed if asked) to ``out_fd``; return the bytes written."""
+    import subprocess  # here: list-apps and app-info, which import this module too, start no process
+
     # tar's and zstd's stderr, for the error message: an anonymous memory
     # file (tempfile costs list-apps and stream-app 6 ms of import each).
     with open(os.memfd_create("peerkit-stream-errors", os.MFD_CLOEXEC), "w+b") as errors:

@@ -37,7 +37,7 @@ MAX_PACKET = 256 << 10
 MAX_JSON_REPLY = 4 << 20
 MAX_STDERR = 64 << 10
 # Features a peer-shell may offer that we act on (and record from its ping).
-KNOWN_FEATURES = frozenset({"receive-app", "replace-key", "rsync", "zstd"})
+KNOWN_FEATURES = frozenset({"app-info", "receive-app", "replace-key", "rsync", "zstd"})
 # A peer that keeps the connection open but stops sending is cut off.
 IDLE_TIMEOUT = 120.0
 T = TypeVar("T")
@@ -359,14 +359,41 @@ async def connect(cfg: Config, peer: Peer, store: PeerStore | None = None,
 
 async def ping(conn: PeerConnection) -> dict[str, Any]:
     """Ask the peer who it is; return its answer."""
-    reply = await conn.call_json("ping")
+    return _greeted(conn, await conn.call_json("ping"), "ping")
+
+
+def _greeted(conn: PeerConnection, reply: dict[str, Any], verb: str) -> dict[str, Any]:
+    """Check ``reply`` answers what ping asks and keep the features it offers; return it."""
     if reply.get("ok") is not True:
-        raise ProtocolError(f"{conn.peer.name}: unexpected ping reply")
+        raise ProtocolError(f"{conn.peer.name}: unexpected {verb} reply")
     features = reply.get("features")
     # Shell peers send no feature list: they get the seed's tar stream only.
     if isinstance(features, list):
         conn.features = frozenset(f for f in features if isinstance(f, str) and len(f) < 32)
     return reply
+
+
+async def app_info(conn: PeerConnection, slug: str) -> dict[str, Any]:
+    """Ask what ping and list-apps answer, for app ``slug`` only; return list_apps()'s inventory of it.
+
+    One request (one peer-shell) instead of two, and the peer measures only
+    that app.  Asked of peers whose last answer offered "app-info"; a peer
+    that refuses it (a peer-shell older since) is asked ping and list-apps.
+    """
+    try:
+        reply = await conn.call_json(f"app-info {slug}")
+    except PeerRefused:
+        # The refusal of a peer that refuses us altogether comes back from its ping.
+        await ping(conn)
+        return await list_apps(conn)
+    _greeted(conn, reply, "app-info")
+    if "app" not in reply:
+        raise ProtocolError(f"{conn.peer.name}: app-info reply has no app")
+    apps = _clean_apps([] if reply["app"] is None else [reply["app"]])
+    # An answer about another app (or a malformed one) is no answer about this one.
+    if reply["app"] is not None and [app["slug"] for app in apps] != [slug]:
+        raise ProtocolError(f"{conn.peer.name}: app-info reply is not about {slug}")
+    return {"peer": conn.peer.name, "apps": apps, "domain": _clean_domain(reply.get("domain"))}
 
 
 def known_features(conn: PeerConnection) -> list[str]:
@@ -376,24 +403,32 @@ def known_features(conn: PeerConnection) -> list[str]:
 
 async def list_apps(conn: PeerConnection) -> dict[str, Any]:
     """Return the peer's app inventory (validated)."""
-    from . import grammar
-
     reply = await conn.call_json("list-apps")
     apps = reply.get("apps")
     if not isinstance(apps, list):
         raise ProtocolError(f"{conn.peer.name}: list-apps reply has no app list")
-    clean = []
-    for app in apps:
-        # Peer-supplied names end up in paths and on screens: keep only
-        # entries that match our grammar, with a sane size.
-        if (isinstance(app, dict) and grammar.is_slug(app.get("slug", "")) and isinstance(
-                app.get("size_kb"), int) and not isinstance(app.get("size_kb"), bool)
-                and 0 <= app["size_kb"] < 1 << 50):
-            clean.append({"slug": app["slug"], "size_kb": app["size_kb"]})
-    domain = reply.get("domain")
-    if not (isinstance(domain, str) and "." in domain and grammar.is_host(domain) and ":" not in domain):
-        domain = None
-    return {"peer": conn.peer.name, "apps": clean, "domain": domain}
+    return {"peer": conn.peer.name, "apps": _clean_apps(apps), "domain": _clean_domain(reply.get("domain"))}
+
+
+def _clean_apps(apps: list[Any]) -> list[dict[str, Any]]:
+    """Return the entries of a peer's app list that are well-formed, as ``{slug, size_kb}``."""
+    from . import grammar
+
+    # Peer-supplied names end up in paths and on screens: keep only
+    # entries that match our grammar, with a sane size.
+    return [{"slug": app["slug"], "size_kb": app["size_kb"]} for app in apps
+            if isinstance(app, dict) and isinstance(app.get("slug"), str) and grammar.is_slug(app["slug"])
+            and isinstance(app.get("size_kb"), int) and not isinstance(app["size_kb"], bool)
+            and 0 <= app["size_kb"] < 1 << 50]
+
+
+def _clean_domain(domain: Any) -> str | None:
+    """Return the domain a peer names for its apps if it is a DNS name (it ends up in rewritten files)."""
+    from . import grammar
+
+    if isinstance(domain, str) and "." in domain and grammar.is_host(domain) and ":" not in domain:
+        return domain
+    return None
 
 
 def status_for(exc: PeerkitError) -> str:
@@ -412,19 +447,22 @@ def get_peer(store: PeerStore, name: str) -> Peer:
 async def open_peer(cfg: Config, store: PeerStore, name: str,
                     notes: Callable[[str], None] | None = None) -> PeerConnection:
     """Connect to ``name`` and ping it, recording the outcome as its status."""
-    conn, _ = await open_peer_with(cfg, store, name, (), notes)
+    conn, _, _ = await open_peer_with(cfg, store, name, (), notes)
     return conn
 
 
 async def open_peer_with(cfg: Config, store: PeerStore, name: str,
                          calls: Sequence[Callable[[PeerConnection], Awaitable[Any]]],
-                         notes: Callable[[str], None] | None = None
-                         ) -> tuple[PeerConnection, list["asyncio.Future[Any]"]]:
+                         notes: Callable[[str], None] | None = None, *,
+                         greet: Callable[[PeerConnection], Awaitable[Any]] = ping
+                         ) -> tuple[PeerConnection, Any, list["asyncio.Future[Any]"]]:
     """Connect to ``name`` and ping it, with each of ``calls(conn)`` running alongside on its own channel.
 
-    Returns the connection and one future per call (the caller awaits or
-    cancels them; all are cancelled if the ping fails).  Only the ping's
-    outcome is recorded, as the peer's status and features.
+    ``greet`` is the ping: ``ping`` or a request that answers what it does
+    (``app_info``).  Returns the connection, its answer and one future per
+    call (the caller awaits or cancels them; all are cancelled if the ping
+    fails).  Only the ping's outcome is recorded, as the peer's status and
+    features.
     """
     peer = get_peer(store, name)
     try:
@@ -433,7 +471,7 @@ async def open_peer_with(cfg: Config, store: PeerStore, name: str,
         # Every request goes out now, the ping's first: one round trip instead of several.
         pending = [asyncio.ensure_future(_alongside(conn, call, pinged, turns)) for call in calls]
         try:
-            await ping(conn)
+            greeting = await greet(conn)
             pinged.set()
         except BaseException:
             for future in pending:
@@ -447,7 +485,7 @@ async def open_peer_with(cfg: Config, store: PeerStore, name: str,
         store.set_status(name, status_for(exc), seen=False)
         raise
     store.set_status(name, "ok", seen=True, features=known_features(conn))
-    return conn, pending
+    return conn, greeting, pending
 
 
 async def _alongside(conn: PeerConnection, call: Callable[[PeerConnection], Awaitable[T]],

@@ -8,6 +8,7 @@ quoting, no escaping and no shell: what does not match is refused.
 
     ping
     list-apps
+    app-info <slug>
     stream-app <slug> [--zstd]
     receive-app <slug> [--zstd] [--keep-urls] [--no-pre-backup] [--domain <domain>]
     replace-key <base64 ed25519 key>
@@ -29,6 +30,8 @@ MAX_COMMAND = 256
 VERBS: dict[str, tuple[tuple[str, ...], frozenset[str], frozenset[str]]] = {
     "ping": ((), frozenset(), frozenset()),
     "list-apps": ((), frozenset(), frozenset()),
+    # ping's answer and one app's list-apps entry in one request (a pull's).
+    "app-info": (("slug",), frozenset(), frozenset()),
     "stream-app": (("slug",), frozenset({"--zstd"}), frozenset()),
     "receive-app": (("slug",), frozenset({"--zstd", "--keep-urls", "--no-pre-backup"}),
                     frozenset({"--domain"})),

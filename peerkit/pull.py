@@ -9,7 +9,9 @@ links of the live app.  When the peer answered a ping before (and offered
 rsync, for an incremental pull), the transfer starts with the ping instead
 of after the backup: it writes only staging, a tar stream waits after its
 head start until the listing and the space check passed, and a failed check
-cancels it.  Everything from the lock on is ``install.Receiver``,
+cancels it.  A peer that offered "app-info" is asked it instead of ping
+and list-apps: one request, one peer-shell, and the peer measures only the
+app asked for.  Everything from the lock on is ``install.Receiver``,
 shared with push.  Interrupting before the swap removes the staging copy and
 leaves the local app as it was.
 """
@@ -25,13 +27,13 @@ from typing import Any, Awaitable, Callable, Collection
 
 from . import grammar
 from .archive import TarExtractor, check_tree
-from .client import Gate, PeerConnection, StreamResult, list_apps, open_peer_with
+from .client import Gate, PeerConnection, StreamResult, app_info, list_apps, open_peer_with, ping
 from .compress import ZstdFeeder, choose
 from .config import Config
 from .errors import BadSlug, NoSuchApp, PeerUnreachable, SessionRefused, TransferIncomplete, UnsafeArchive
 from .heap import keep_freed_memory
 from .install import NoteFn, ProgressFn, Receiver, Report, check_space, raise_if_disk_full, run_transfer
-from .state import PeerStore
+from .state import Peer, PeerStore
 
 # Drift between the peer's listing and its stream (files growing meanwhile).
 _MARGIN_BYTES = 64 << 20
@@ -191,7 +193,14 @@ def _plan(cfg: Config, peer_config: dict[str, Any], features: Collection[str], i
     return False, compressed, why
 
 
-def _early_plan(cfg: Config, store: PeerStore, peer_name: str, incremental: bool, compress: str,
+def _recorded_features(store: PeerStore, peer_name: str) -> tuple[Peer | None, list[str] | None]:
+    """Return the peer's record and the features its last ping offered (None: not recorded)."""
+    peer = store.get(peer_name)
+    features = peer.config.get("features") if peer is not None else None
+    return peer, features if isinstance(features, list) else None
+
+
+def _early_plan(cfg: Config, peer: Peer | None, features: list[str] | None, incremental: bool, compress: str,
                 backup_due: bool) -> tuple[bool, bool] | None:
     """Return the transfer to start alongside the ping, judged by what the peer offered at its last ping.
 
@@ -202,9 +211,7 @@ def _early_plan(cfg: Config, store: PeerStore, peer_name: str, incremental: bool
     change the live files' ctime, which the backup's tar reports as files
     changed while it read them (and fails).
     """
-    peer = store.get(peer_name)
-    features = peer.config.get("features") if peer is not None else None
-    if peer is None or not isinstance(features, list):
+    if peer is None or features is None:
         return None
     use_rsync, compressed, _ = _plan(cfg, peer.config, features, incremental, compress)
     if (incremental and not use_rsync) or (use_rsync and backup_due):
@@ -248,11 +255,15 @@ async def _pull(cfg: Config, peer_name: str, app: str, pre_backup: bool, keep_ur
     if not grammar.is_slug(app):
         raise BadSlug(repr(app[:80]))
     with Receiver(cfg, app, peer_name, report) as receiver:
-        calls: list[Callable[[PeerConnection], Awaitable[Any]]] = [list_apps]
         tar: _TarStream | None = None
         farm: Any = None  # the early rsync's LinkFarm
         with PeerStore(cfg.db_path) as store, report.stage("ping"):
-            plan = _early_plan(cfg, store, peer_name, incremental, compress,
+            peer, recorded = _recorded_features(store, peer_name)
+            # The ping and list-apps in one request, when the peer offered it.
+            info = recorded is not None and "app-info" in recorded
+            greet: Callable[[PeerConnection], Awaitable[Any]] = (lambda conn: app_info(conn, app)) if info else ping
+            calls: list[Callable[[PeerConnection], Awaitable[Any]]] = [] if info else [list_apps]
+            plan = _early_plan(cfg, peer, recorded, incremental, compress,
                                backup_due=pre_backup and receiver.live.exists())
             # The transfer the peer's last ping allows starts with this ping
             # and list-apps instead of after them.  It only writes staging,
@@ -271,17 +282,23 @@ async def _pull(cfg: Config, peer_name: str, app: str, pre_backup: bool, keep_ur
                 tar = _TarStream(cfg, app, receiver.new_staging(), plan[1], progress)
                 calls.append(tar.run)
                 report.notes.append("transfer started alongside the ping (the peer was reachable last time)")
-            # list-apps goes out with the ping, on a second channel; its
-            # answer is taken (and its failures reported) in "inventory".
+            # list-apps (unless app-info answers for it) goes out with the
+            # ping, on a second channel; its answer is taken (and its
+            # failures reported) in "inventory".
             try:
-                conn, (listing, *started_early) = await open_peer_with(cfg, store, peer_name, calls, note)
+                conn, greeting, futures = await open_peer_with(cfg, store, peer_name, calls, note, greet=greet)
             except BaseException:
                 if tar is not None:
                     tar.abort()
                 if farm is not None:
                     await farm.remove()
                 raise
-        early = started_early[0] if started_early else None
+        if info:
+            listing: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+            listing.set_result(greeting)
+        else:
+            listing = futures.pop(0)
+        early = futures[0] if futures else None
         try:
             async with conn:
                 try:

@@ -57,6 +57,10 @@ def test_list_apps_sorted_and_filtered(apps_dir, tmp_path):
     assert apps.list_apps(apps_dir) == [
         {"slug": name, "size_kb": tar_bytes(apps_dir / name) // 1024}
         for name in ("0day", "alpha", "b-2", "nextcloud")]
+    # app-info's one entry is list-apps' entry, and None for every name list-apps leaves out.
+    listed = {app["slug"]: app for app in apps.list_apps(apps_dir)}
+    for name in os.listdir(apps_dir) + ["missing", "..", ".", "../outside", "alpha/", "/etc", ""]:
+        assert apps.app_entry(apps_dir, name) == listed.get(name), name
 
 
 def test_list_apps_of_missing_dir_is_empty(tmp_path):

@@ -4,16 +4,21 @@ Requests sent alongside the ping: a peer's serve.max_sessions_per_peer may
 refuse the sessions a pull opens at once (ping, list-apps, rsync); refused
 ones go again after the ping, one at a time.  The real server and pull are
 in tests/integration/test_serve.py; here the order is pinned down exactly.
+
+app-info's answers, including the malformed ones no real peer-shell sends,
+and its fallback to ping and list-apps for a peer that refuses it (the real
+one: tests/integration/test_transfers.py).
 """
 
 from __future__ import annotations
 
 import asyncio
+from types import SimpleNamespace
 
 import pytest
 
-from peerkit.client import PeerConnection, _alongside, known_features
-from peerkit.errors import SessionRefused
+from peerkit.client import PeerConnection, _alongside, app_info, known_features
+from peerkit.errors import PeerRefused, PeerUnreachable, ProtocolError, SessionRefused
 
 
 class Peer:
@@ -99,3 +104,69 @@ def test_the_cpu_is_asked_about_aes_once_per_process():
     with open("/proc/cpuinfo", encoding="ascii", errors="replace") as fh:
         aes = any(line.startswith("flags") and " aes" in line for line in fh)
     assert first[0].startswith("aes128-gcm" if aes else "chacha20")
+
+
+class Answers(PeerConnection):
+    """A peer that answers each command with its entry in ``answers`` (an exception is raised); records them."""
+
+    def __init__(self, answers: dict) -> None:
+        super().__init__(None, SimpleNamespace(name="beta"))  # type: ignore[arg-type]
+        self.answers = answers
+        self.asked: list[str] = []
+
+    async def call_json(self, command: str) -> dict:
+        self.asked.append(command)
+        answer = self.answers[command]
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+
+GREETING = {"ok": True, "peer": "alpha", "version": "1", "features": ["app-info", "rsync"]}
+
+
+def test_app_info_is_the_inventory_list_apps_gives_of_that_app():
+    conn = Answers({"app-info wiki": {**GREETING, "domain": "a.example.org", "app": {"slug": "wiki", "size_kb": 7}}})
+    assert asyncio.run(app_info(conn, "wiki")) == {
+        "peer": "beta", "apps": [{"slug": "wiki", "size_kb": 7}], "domain": "a.example.org"}
+    assert conn.asked == ["app-info wiki"] and conn.features == {"app-info", "rsync"}
+    conn = Answers({"app-info wiki": {**GREETING, "domain": "bad domain;x", "app": None}})
+    assert asyncio.run(app_info(conn, "wiki")) == {"peer": "beta", "apps": [], "domain": None}
+
+
+@pytest.mark.parametrize("answer", [
+    {**GREETING, "app": {"slug": "other", "size_kb": 7}},  # about another app
+    {**GREETING, "app": {"slug": "wiki", "size_kb": -1}},
+    {**GREETING, "app": {"slug": "wiki", "size_kb": True}},
+    {**GREETING, "app": {"slug": "wiki"}},
+    {**GREETING, "app": "wiki"},
+    {**GREETING, "app": [{"slug": "wiki", "size_kb": 7}]},
+    {**GREETING},  # no app at all
+    {**GREETING, "ok": False, "app": None},
+    {"app": {"slug": "wiki", "size_kb": 7}},
+], ids=["other-app", "negative-size", "bool-size", "no-size", "string", "list", "no-app", "not-ok", "no-ok"])
+def test_a_malformed_app_info_answer_is_a_protocol_error(answer):
+    with pytest.raises(ProtocolError):
+        asyncio.run(app_info(Answers({"app-info wiki": answer}), "wiki"))
+
+
+def test_a_peer_that_refuses_app_info_is_asked_ping_and_list_apps():
+    listing = {"peer": "alpha", "apps": [{"slug": "wiki", "size_kb": 3}, {"slug": "x", "size_kb": 1}],
+               "domain": "a.example.org"}
+    conn = Answers({"app-info wiki": PeerRefused("beta answered refused"),
+                    "ping": {**GREETING, "features": ["rsync"]}, "list-apps": listing})
+    inventory = asyncio.run(app_info(conn, "wiki"))
+    assert conn.asked == ["app-info wiki", "ping", "list-apps"]
+    assert inventory == {"peer": "beta", "apps": listing["apps"], "domain": "a.example.org"}
+    assert known_features(conn) == ["rsync"]  # what is recorded: no app-info next time
+    # Refused by the ping too: the peer refuses us, and that is the answer.
+    conn = Answers({"app-info wiki": PeerRefused("refused"), "ping": PeerRefused("refused")})
+    with pytest.raises(PeerRefused):
+        asyncio.run(app_info(conn, "wiki"))
+    assert conn.asked == ["app-info wiki", "ping"]
+    # Other failures are not a missing verb: no second try.
+    for failure in (PeerUnreachable("gone"), SessionRefused("busy")):
+        conn = Answers({"app-info wiki": failure})
+        with pytest.raises(type(failure)):
+            asyncio.run(app_info(conn, "wiki"))
+        assert conn.asked == ["app-info wiki"]

@@ -80,6 +80,40 @@ def test_list_apps(instance):
     assert events(instance)[-1]["verb"] == "list-apps"
 
 
+def test_app_info_answers_ping_and_list_apps_for_one_app(instance):
+    ping = json.loads(peer_shell(instance, "ping").stdout)
+    listed = json.loads(peer_shell(instance, "list-apps").stdout)
+    before = len(events(instance))
+    proc = peer_shell(instance, "app-info myapp")
+    assert proc.returncode == 0 and proc.stderr == b"", proc.stderr
+    reply = json.loads(proc.stdout)
+    assert "app-info" in reply["features"]
+    assert reply == {**ping, "domain": listed["domain"], "app": listed["apps"][0]}
+    assert listed["apps"][0]["slug"] == "myapp"
+    # Missing: an answer, not an error (the peer answered; the pull says "no such app").
+    missing = peer_shell(instance, "app-info missing")
+    assert missing.returncode == 0 and json.loads(missing.stdout) == {**reply, "app": None}
+    new = events(instance)[before:]
+    assert [(e["verb"], e["slug"], e["outcome"], e["bytes"]) for e in new] == [
+        ("app-info", "myapp", "ok", len(proc.stdout)), ("app-info", "missing", "ok", len(missing.stdout))]
+
+
+def test_app_info_of_an_app_not_offered_looks_like_a_missing_one(tmp_path):
+    from peerkit.permissions import change
+
+    alpha = make_instance(tmp_path / "alpha", "alpha")
+    beta = make_instance(tmp_path / "beta", "beta")
+    pairing.pair(alpha, pairing.our_token(beta)[0])
+    for name in ("wiki", "blog"):
+        (alpha.apps_dir / name).mkdir(parents=True)
+        (alpha.apps_dir / name / "f").write_bytes(b"x" * 5000)
+    change(alpha, "beta", allow=False, apps=("wiki",))
+    hidden, missing, shown = (json.loads(peer_shell(alpha, f"app-info {slug}").stdout)
+                              for slug in ("wiki", "nope", "blog"))
+    assert hidden == missing and hidden["app"] is None
+    assert shown["app"] == {"slug": "blog", "size_kb": archive_size(alpha.apps_dir / "blog") // 1024}
+
+
 def test_stream_app_round_trips(instance, tmp_path):
     proc = peer_shell(instance, "stream-app myapp")
     assert proc.returncode == 0, proc.stderr
@@ -114,6 +148,11 @@ REFUSED = [
     ("stream-app -rf", "bad-slug", 51),
     ("stream-app Hidden", "bad-slug", 51),
     ("stream-app missing", "no-such-app", 50),
+    ("app-info", "refused", 42),
+    ("app-info myapp other", "refused", 42),
+    ("app-info myapp --zstd", "refused", 42),
+    ("app-info ../x", "bad-slug", 51),
+    ("app-info Hidden", "bad-slug", 51),
 ]
 
 

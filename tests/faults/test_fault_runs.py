@@ -202,6 +202,17 @@ def run_hook(dst: rig.Puller, sc: Scenario) -> None:
         assert rig.HOOK_TIMEOUT <= run.seconds < rig.HOOK_TIMEOUT + 30, case.fail(f"took {run.seconds:.1f}s")
 
 
+def recorded_app_info(dst: rig.Puller, on: bool) -> None:
+    """Record the source as offering app-info (the pull asks it) or not (the pull asks ping and list-apps)."""
+    dst.inst.owner_sql("""
+row = con.execute("SELECT config_json FROM peers WHERE name = ?", (args[0],)).fetchone()
+config = json.loads(row[0])
+features = set(config.get("features") or ["receive-app", "replace-key", "rsync", "zstd"]) - {"app-info"}
+config["features"] = sorted(features | ({"app-info"} if args[1] == "on" else set()))
+con.execute("UPDATE peers SET config_json = ? WHERE name = ?", (json.dumps(config), args[0]))
+""", dst.source.inst.name, "on" if on else "off")
+
+
 def run_signal(dst: rig.Puller, sc: Scenario) -> None:
     rng = sc.rng()
     stage, sig = sc.params["stage"], SIGNALS[sc.params["sig"]]
@@ -222,8 +233,13 @@ def run_signal(dst: rig.Puller, sc: Scenario) -> None:
     hook_mark.unlink(missing_ok=True)
     held = None
     pings = len(source.inst.audit_events())
-    if stage in ("ping", "inventory"):
-        held = source.hold(dst, "list-apps" if stage == "inventory" else "ping", 6)
+    # The pull is in "ping" while app-info is held; in "inventory" only while
+    # list-apps is (app-info answers for it at once), so that pull asks
+    # ping and list-apps.
+    recorded_app_info(dst, stage != "inventory")
+    held_verb = {"ping": "app-info", "inventory": "list-apps"}.get(stage)
+    if held_verb is not None:
+        held = source.hold(dst, held_verb, 6)
         source.plan(case.slug, data)
     elif stage == "transfer":
         source.plan(case.slug, data, stall_at=rng.randint(1, len(data) - 1), stall_for=6, stall_mark=str(mark))
@@ -247,10 +263,10 @@ def run_signal(dst: rig.Puller, sc: Scenario) -> None:
         elif stage == "transfer":
             wait_for(mark.exists, 30, "the stream to stall", case)
             # The stream starts with the ping: the pull is in "transfer" once
-            # list-apps was answered too (then nothing else is awaited).
-            listed = lambda: any(e.get("verb") == "list-apps" and e.get("peer") == dst.inst.name  # noqa: E731
+            # app-info was answered too (then nothing else is awaited).
+            listed = lambda: any(e.get("verb") == "app-info" and e.get("peer") == dst.inst.name  # noqa: E731
                                  for e in source.inst.audit_events()[pings:])
-            wait_for(listed, 30, "list-apps to be answered", case)
+            wait_for(listed, 30, "app-info to be answered", case)
             time.sleep(0.5)
         elif backup:
             partial = lambda: any(p.name.endswith(".partial") for p in (dst.backups_dir / case.slug).glob(".*"))  # noqa: E731
@@ -261,7 +277,7 @@ def run_signal(dst: rig.Puller, sc: Scenario) -> None:
         run = bg.finish(timeout=60)
     finally:
         if held is not None:
-            source.release(dst, "list-apps" if stage == "inventory" else "ping")
+            source.release(dst, held_verb)
     if stage in ("stop", "start", "post_restore"):
         # From the stop hook on, signals wait: the pull completes, and says so.
         state = check(case, run, {"ok"}, expect="ok")
@@ -339,8 +355,9 @@ def test_fault_run(request, sc):
     COUNTS.survived += 1
 
 
-def test_a_transfer_started_with_the_ping_waits_for_the_space_check(disk):
-    """Before list-apps and the space check, an early transfer writes its head start at most.
+@pytest.mark.parametrize("asked", ["app-info", "list-apps"])
+def test_a_transfer_started_with_the_ping_waits_for_the_space_check(disk, asked):
+    """Before app-info (or list-apps) and the space check, an early transfer writes its head start at most.
 
     That head start is a quarter of the free space (64 MiB at most), so an
     app that does not fit is refused before it fills the disk, and one that
@@ -356,6 +373,7 @@ def test_a_transfer_started_with_the_ping_waits_for_the_space_check(disk):
     mount = disk.apps_dir.parent
     # A ping records the source's features: the next pull starts its transfer with its ping.
     assert rig.cli(disk.inst, "ping", src.inst.name).returncode == 0
+    recorded_app_info(disk, asked == "app-info")
 
     def used() -> int:
         st = os.statvfs(mount)
@@ -363,17 +381,17 @@ def test_a_transfer_started_with_the_ping_waits_for_the_space_check(disk):
 
     st = os.statvfs(mount)
     free, before = st.f_bavail * st.f_frsize, used()
-    started = src.hold(disk, "list-apps", 3)
+    started = src.hold(disk, asked, 3)
     try:
         bg = disk.start_pull(slug, "--compress", "none", "--no-pre-backup")
-        assert harness_wait(started.exists, 30), "list-apps was never asked"
+        assert harness_wait(started.exists, 30), f"{asked} was never asked"
         peak, deadline = 0, time.monotonic() + 2.0
-        while time.monotonic() < deadline:  # list-apps is held: only the early stream writes
+        while time.monotonic() < deadline:  # the app's size is held back: only the early stream writes
             peak = max(peak, used() - before)
             time.sleep(0.01)
         run = bg.finish(timeout=60)
     finally:
-        src.release(disk, "list-apps")
+        src.release(disk, asked)
     assert run.code == "ok", run.why()
     assert any("alongside the ping" in n for n in run.result["notes"]), run.result["notes"]
     # Something was written early, and no more than the head start (plus one chunk).

@@ -33,6 +33,7 @@ SHELL_METACHARACTERS = [
     SEND + " . shared/;id", SEND + " . shared/$(id)", SEND + " . $(id)/", "replace-key $(cat${IFS}/etc/passwd)",
     "replace-key " + K[:-1] + ";", "stream-app shared\\;id", "ping;", ";ping", "&&ping", "ping $HOME",
     "stream-app $APP", "stream-app shared*", "ping ^", "exec /bin/sh",
+    "app-info shared;id", "app-info $(id)", "app-info shared|sh", "app-info `id`", "app-info shared&&id",
 ]
 
 QUOTING = [
@@ -104,6 +105,8 @@ OPTION_INJECTION = [
     "/bin/sh -c id", "bash -i", "exec ping", "env ping", "command ping", "ping --zstd", "stream-app",
     "receive-app", "replace-key", "list-apps --zstd", "internal-sftp", "sftp-server", "scp -t /tmp",
     "scp -f /etc/passwd", "git-upload-pack '/srv/repo'", "/usr/lib/openssh/sftp-server", "tar -cf - /",
+    "app-info", "app-info -x", "app-info --", "app-info -- shared", "app-info shared --zstd", "app-info shared secret",
+    "app-info --help", "app-info -shared", "app-info shared --all",
 ]
 
 TRAVERSAL = [
@@ -122,6 +125,8 @@ TRAVERSAL = [
     "rsync --server --sender -re.x . ~/", "rsync --server -re.x . ../", "rsync --server --sender -re.x ../ shared/",
     "rsync --server --sender -re.x . ./", "rsync --server --sender -re.x . ../", "rsync --server -re.x . /",
     "list-apps ..", "ping ../../", "replace-key ../", "stream-app shared/../secret", "stream-app secret/../shared",
+    "app-info ..", "app-info ../shared", "app-info /etc", "app-info shared/", "app-info shared/../secret",
+    "app-info .", "app-info ~",
 ]
 
 RSYNC_HISTORY = [
@@ -185,7 +190,8 @@ HANDWRITTEN: dict[str, list[str]] = {
 
 # Allowed forms: the harness must accept these (and only run what they name).
 CONTROLS = [
-    "ping", "list-apps", "stream-app shared", "stream-app shared --zstd", "stream-app secret", "stream-app nope",
+    "ping", "list-apps", "app-info shared", "app-info secret", "app-info nope",
+    "stream-app shared", "stream-app shared --zstd", "stream-app secret", "stream-app nope",
     "receive-app shared", "receive-app shared --zstd --keep-urls --no-pre-backup --domain example.org",
     "receive-app shared --domain example.org --no-pre-backup", "replace-key " + K,
     SEND + " . shared/", "rsync --server --sender -re.x . shared/", RECV + " --delete --stats --numeric-ids . shared/",
@@ -196,7 +202,7 @@ CONTROLS = [
 
 # The allowed forms as words, for the systematic variants.
 TEMPLATES = [
-    ["ping"], ["list-apps"], ["stream-app", "shared"], ["stream-app", "shared", "--zstd"],
+    ["ping"], ["list-apps"], ["app-info", "shared"], ["stream-app", "shared"], ["stream-app", "shared", "--zstd"],
     ["receive-app", "shared", "--keep-urls", "--domain", "example.org"], ["replace-key", K],
     SEND.split(" ") + [".", "shared/"], RECV.split(" ") + ["--delete", ".", "shared/"],
 ]

@@ -7,6 +7,7 @@ accepts is the command itself, word for word (``Request.canonical()``).
 
     ping
     list-apps
+    app-info <slug>
     stream-app <slug> [--zstd]
     receive-app <slug> [--zstd] [--keep-urls] [--no-pre-backup] [--domain <dns name>]   (flags in any order, once each)
     replace-key <68 base64 characters: an ed25519 key blob>
@@ -50,6 +51,7 @@ _RECEIVE_FLAGS = [f.replace("(?P<domain>", f"(?P<domain{i}>") for i, f in enumer
 FORMS = {
     "ping": r"ping",
     "list-apps": r"list-apps",
+    "app-info": rf"app-info {SLUG}",
     "stream-app": rf"stream-app {SLUG}(?: --zstd)?",
     "receive-app": rf"receive-app {SLUG}{_alt(_RECEIVE_FLAGS)}",
     "replace-key": rf"replace-key {KEY}",
@@ -77,7 +79,7 @@ def verb(form: str) -> str:
 def slug_of(text: str) -> str | None:
     """The app slug an allowed command names (None for ping, list-apps, replace-key)."""
     words = text.split(" ")
-    if words[0] in ("stream-app", "receive-app"):
+    if words[0] in ("app-info", "stream-app", "receive-app"):
         return words[1]
     if words[0] == "rsync":
         return words[-1][:-1]

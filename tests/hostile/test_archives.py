@@ -122,7 +122,7 @@ def test_crafted_stream_in_process(site, monkeypatch, case):
     conn = FakeConnection(data, seed=zlib.crc32(case.encode()))
 
     async def open_peer_with(_cfg, _store, _name, calls, *_a, **_k):
-        return conn, [asyncio.ensure_future(call(conn)) for call in calls]
+        return conn, {"ok": True}, [asyncio.ensure_future(call(conn)) for call in calls]
 
     async def list_apps(_conn):
         return {"peer": "src", "apps": [{"slug": APP, "size_kb": max(1, len(data) // 1024)}], "domain": None}

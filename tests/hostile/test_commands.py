@@ -162,6 +162,12 @@ def test_allowed_controls_in_process(harness):
         COUNTS.commands += 1
     assert outcomes["ping"].status == 0 and json.loads(outcomes["ping"].stdout)["peer"] == "alpha"
     assert json.loads(outcomes["list-apps"].stdout)["apps"] == [{"slug": "shared", "size_kb": 10}]
+    info = json.loads(outcomes["app-info shared"].stdout)
+    assert outcomes["app-info shared"].status == 0 and info["app"] == {"slug": "shared", "size_kb": 10}
+    assert info["peer"] == "alpha" and "app-info" in info["features"]
+    # An app not offered is answered as a missing one, word for word.
+    assert json.loads(outcomes["app-info secret"].stdout)["app"] is None
+    assert outcomes["app-info secret"].stdout == outcomes["app-info nope"].stdout
     assert outcomes["stream-app shared"].status == 0 and len(outcomes["stream-app shared"].stdout) == 10240
     # Not offered looks exactly like missing.
     assert outcomes["stream-app secret"].stderr == outcomes["stream-app nope"].stderr

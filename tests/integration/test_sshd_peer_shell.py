@@ -346,7 +346,7 @@ def test_paired_key_can_ping_list_apps_and_stream_an_app_byte_identical(paired, 
 
     pong = ok_json(beta.ssh(alpha, "ping"))
     assert pong == {"ok": True, "peer": alpha.name, "version": peerkit.__version__,
-                    "features": ["receive-app", "replace-key", "rsync", "zstd"]}
+                    "features": ["app-info", "receive-app", "replace-key", "rsync", "zstd"]}
 
     listing = ok_json(beta.ssh(alpha, "list-apps"))
     assert listing["peer"] == alpha.name
@@ -357,6 +357,9 @@ def test_paired_key_can_ping_list_apps_and_stream_an_app_byte_identical(paired, 
                 for slug in ("aaa-empty", "blog", "wiki", "zeta-9")]
     assert listing["apps"] == expected
     assert expected[0]["size_kb"] == 10 and expected[1]["size_kb"] > 3072
+    # app-info: the ping's answer and one app's entry; the symlinked dir is no app.
+    assert ok_json(beta.ssh(alpha, "app-info blog")) == {**pong, "domain": listing["domain"], "app": expected[1]}
+    assert ok_json(beta.ssh(alpha, "app-info linked")) == {**pong, "domain": listing["domain"], "app": None}
 
     before = len(alpha.audit_events())
     archive = beta.ssh(alpha, "stream-app blog")

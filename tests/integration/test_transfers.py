@@ -10,9 +10,10 @@ per user, driven through the real CLI as that user.
   ``broken``.
 * B (``site-b``, domain b.example.org) pulls from A and pushes to A; paired
   both ways.
-* C (``site-c``) pulls from A through a stand-in forced command whose
-  ``ping`` reply hides "rsync" from the features, to see the fallback to a
-  full transfer.
+* C (``site-c``) pulls from A through a stand-in forced command that acts
+  as an older peer-shell: its ``ping`` reply hides "rsync" and "app-info"
+  from the features and it refuses ``app-info``, to see the fallbacks (a
+  full transfer; ping and list-apps).
 
 The tests run in file order and build on each other only where they say so
 (A grants B push in the first test; the big app made for the incremental
@@ -85,13 +86,19 @@ exit 0
 '''
 
 # A's forced command for C: the real peer-shell, except that the reply to
-# "ping" does not list rsync among the features (like an older peer-shell).
+# "ping" does not list rsync or app-info among the features, and app-info
+# is refused as peer-shell refuses an unknown verb (like an older peer-shell).
 _STANDIN = r'''#!/bin/sh
-if [ "$SSH_ORIGINAL_COMMAND" = ping ]; then
+printf '%s\n' "$SSH_ORIGINAL_COMMAND" >> @LOG@
+case "$SSH_ORIGINAL_COMMAND" in
+ping)
     out=$(@PEER_SHELL@ "$@") || exit $?
-    printf '%s\n' "$out" | sed -e 's/, "rsync"//' -e 's/"rsync", //'
-    exit 0
-fi
+    printf '%s\n' "$out" | sed -e 's/"app-info", //' -e 's/, "rsync"//' -e 's/"rsync", //'
+    exit 0 ;;
+app-info*)
+    echo '{"ok": false, "error": "refused"}' >&2
+    exit 42 ;;
+esac
 exec @PEER_SHELL@ "$@"
 '''
 
@@ -124,6 +131,11 @@ class World:
     @property
     def standin(self) -> Path:
         return self.inst["a"].user.home / "peer-shell-standin"
+
+    @property
+    def standin_log(self) -> Path:
+        """The commands C sent to the stand-in, one per line."""
+        return self.inst["a"].user.home / "standin.log"
 
 
 def install_standin(world: World) -> None:
@@ -198,7 +210,8 @@ def world():
         for role in ROLES:
             write_config(w, role)
             assert inst[role].apps_dir.is_dir()  # made by init, owned by the user
-        a.user.write_file(w.standin, _STANDIN.replace("@PEER_SHELL@", str(a.peer_shell)).encode(), mode=0o755)
+        a.user.write_file(w.standin, _STANDIN.replace("@PEER_SHELL@", str(a.peer_shell))
+                          .replace("@LOG@", str(w.standin_log)).encode(), mode=0o755)
         install_standin(w)
         yield w
     finally:
@@ -893,6 +906,20 @@ def test_incremental_falls_back_when_the_peer_has_no_rsync(world):
     assert leftovers(c) == [] and not _processes_of(c.user, "rsync")
     assert "rsync" not in recorded_features(c, a.name)
 
+    # A peer that offered app-info last time and now refuses it (an older
+    # peer-shell since): the pull asks ping and list-apps instead, and what
+    # it records sends the next pull straight to them.
+    _set_recorded_features(c, a.name, '["app-info"]')
+    (a.apps_dir / "fbapp" / "VERSION").write_bytes(b"3\n")
+    mark = len(world.standin_log.read_text().splitlines())
+    result = assert_ok(peerkit(c, "pull", a.name, "fbapp", "--no-pre-backup"))
+    asked = world.standin_log.read_text().splitlines()[mark:]
+    # (The transfer started alongside: its place among them varies.)
+    assert sorted(asked) == ["app-info fbapp", "list-apps", "ping", "stream-app fbapp"], asked
+    assert asked.index("app-info fbapp") < asked.index("ping") < asked.index("list-apps"), asked
+    assert same_tree(source, a.user, c.apps_dir / "fbapp", c.user) == [] and leftovers(c) == []
+    assert recorded_features(c, a.name) == ["receive-app", "replace-key", "zstd"]
+
     # Pushing incrementally falls back the same way.
     peerkit(a, "allow", c.name, "--push")
     install_standin(world)  # allow rewrote C's key line with the real peer-shell
@@ -952,8 +979,34 @@ def test_a_full_pull_starts_its_transfer_with_the_ping(world):
     assert "zstd" in recorded_features(b, a.name)
 
 
+def test_a_pull_asks_app_info_instead_of_ping_and_list_apps_when_the_peer_offered_it(world):
+    a, b = world.a, world.b
+    source = make_tree(a.apps_dir / "infoapp", {"VERSION": b"1\n", "f.bin": os.urandom(50_000)}, a.user)
+    assert peerkit(b, "ping", a.name).returncode == 0
+    assert "app-info" in recorded_features(b, a.name)
+    mark = len(a.audit_events())
+    assert_ok(peerkit(b, "pull", a.name, "infoapp", "--no-pre-backup"))
+    asked = audit_tail(a, mark)
+    assert sorted((e["verb"], e.get("slug")) for e in asked) == [("app-info", "infoapp"), ("stream-app", "infoapp")]
+    assert same_tree(source, a.user, b.apps_dir / "infoapp", b.user) == [] and leftovers(b) == []
+
+    # Features recorded before peers offered app-info: ping and list-apps, which record it for the next pull.
+    _set_recorded_features(b, a.name, '["rsync", "zstd"]')
+    mark = len(a.audit_events())
+    assert_ok(peerkit(b, "pull", a.name, "infoapp", "--no-pre-backup"))
+    assert sorted(e["verb"] for e in audit_tail(a, mark)) == ["list-apps", "ping", "stream-app"]
+    assert "app-info" in recorded_features(b, a.name)
+
+    # A missing app: the peer answered, so it is recorded as reachable, and the pull says no such app.
+    mark = len(a.audit_events())
+    run = peerkit(b, "pull", a.name, "noinfoapp")
+    assert_failed(run, "no-such-app")
+    assert [e["outcome"] for e in audit_tail(a, mark) if e["verb"] == "app-info"] == ["ok"]
+    assert "app-info" in recorded_features(b, a.name) and leftovers(b) == []
+
+
 def test_every_channel_of_a_pull_asks_for_our_window_and_packet_size(world):
-    """Each channel a pull opens (ping, list-apps, stream-app, rsync) carries WINDOW and MAX_PACKET.
+    """Each channel a pull opens (app-info or ping and list-apps, stream-app, rsync) carries WINDOW and MAX_PACKET.
 
     One opened without them gets asyncssh's defaults (2 MiB, 32 KiB): a
     slower transfer; a larger window made the sending sshd buffer the excess
@@ -962,6 +1015,7 @@ def test_every_channel_of_a_pull_asks_for_our_window_and_packet_size(world):
     """
     a, b = world.a, world.b
     source = make_tree(a.apps_dir / "flowapp", {"VERSION": b"1\n"}, a.user)
+    _set_recorded_features(b, a.name, None)  # the first pull asks ping and list-apps, the second app-info
     offset = world.sshd.log_offset()
     assert_ok(peerkit(b, "pull", a.name, "flowapp", "--no-pre-backup", "--compress", "none"))
     (source / "VERSION").write_bytes(b"2\n")
@@ -969,7 +1023,7 @@ def test_every_channel_of_a_pull_asks_for_our_window_and_packet_size(world):
     result = assert_ok(peerkit(b, "pull", a.name, "flowapp", "--incremental", "--no-pre-backup"))
     assert [s["name"] for s in result["stages"]].count("transfer") == 1
     opened = re.findall(r"ctype session rchan \d+ win (\d+) max (\d+)", world.sshd.log_since(offset))
-    assert len(opened) == 6, opened  # ping, list-apps and the transfer, twice
+    assert len(opened) == 5, opened  # ping, list-apps and the transfer, then app-info and the transfer
     assert set(opened) == {(str(WINDOW), str(MAX_PACKET))}, opened
 
 

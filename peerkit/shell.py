@@ -251,10 +251,11 @@ def _reply(fd: int, obj: dict) -> int:
 def run() -> None:
     """The peer-shell command: main(), then exit without the interpreter's teardown.
 
-    Nothing is left for the teardown to do (every reply and audit line is
-    written with os.write, rsync and tar were waited for, and no thread or
-    atexit handler exists under sshd), and it took 2-3 ms of CPU of every
-    SSH call, which the client waits for: the channel closes at our exit.
+    Nothing is left for the teardown to do: every reply and audit line was
+    written with os.write, every child (tar, rsync, hooks) and thread was
+    waited for, and peer-shell registers no atexit handler.  Yet it took
+    2-3 ms of CPU of every SSH call, which the client waits for: the channel
+    closes at our exit.
     """
     status = main()
     for stream in (sys.stdout, sys.stderr):  # what --help and --version printed

@@ -204,13 +204,8 @@ def run_hook(dst: rig.Puller, sc: Scenario) -> None:
 
 def recorded_app_info(dst: rig.Puller, on: bool) -> None:
     """Record the source as offering app-info (the pull asks it) or not (the pull asks ping and list-apps)."""
-    dst.inst.owner_sql("""
-row = con.execute("SELECT config_json FROM peers WHERE name = ?", (args[0],)).fetchone()
-config = json.loads(row[0])
-features = set(config.get("features") or ["receive-app", "replace-key", "rsync", "zstd"]) - {"app-info"}
-config["features"] = sorted(features | ({"app-info"} if args[1] == "on" else set()))
-con.execute("UPDATE peers SET config_json = ? WHERE name = ?", (json.dumps(config), args[0]))
-""", dst.source.inst.name, "on" if on else "off")
+    features = ["receive-app", "replace-key", "rsync", "zstd"]
+    dst.inst.set_recorded_features(dst.source.inst.name, ["app-info", *features] if on else features)
 
 
 def run_signal(dst: rig.Puller, sc: Scenario) -> None:

@@ -406,12 +406,6 @@ def test_pull_takes_turns_with_a_server_that_allows_one_session(world, configure
     shutil.rmtree(c.apps_dir / "slow")
 
 
-def forget_app_info(inst, peer: str) -> None:
-    """Drop "app-info" from the features ``inst`` recorded for ``peer``: its next pull asks ping and list-apps."""
-    inst.owner_sql("con.execute(\"UPDATE peers SET config_json = json_set(config_json, '$.features', "
-                   "json(?)) WHERE name = ?\", (args[1], args[0]))", peer, '["receive-app", "replace-key", "rsync"]')
-
-
 # What a pull asks S first: app-info (S offered it at the ping), or ping and list-apps (as before S offered it).
 GREETINGS = {"app-info": ["app-info"], "ping": ["list-apps", "ping"]}
 
@@ -425,7 +419,7 @@ def test_a_pull_started_with_the_ping_takes_turns_too(world, configure, allowed,
     env = c.user.env(extra_path=[c.bin_dir])
     c.user.run([str(c.peerkit), "ping", "site-s"], env=env, check=True)
     if greeting == "ping":
-        forget_app_info(c, "site-s")
+        c.set_recorded_features("site-s", ["receive-app", "replace-key", "rsync"])  # as before app-info
     before = len(world.s.audit_events())
     out = c.user.run([str(c.peerkit), "pull", "site-s", "slow", "--json", "--no-pre-backup"], env=env, check=False)
     result = json.loads(out.stdout.strip().splitlines()[-1])
@@ -453,7 +447,7 @@ def test_an_incremental_pull_takes_turns_too(world, configure, allowed, greeting
     # A ping records S's features (rsync among them), so the pull starts rsync with its ping.
     c.user.run([str(c.peerkit), "ping", "site-s"], env=env, check=True)
     if greeting == "ping":
-        forget_app_info(c, "site-s")
+        c.set_recorded_features("site-s", ["receive-app", "replace-key", "rsync"])  # as before app-info
     before = len(world.s.audit_events())
     out = c.user.run([str(c.peerkit), "pull", "site-s", "slow", "--incremental", "--json", "--no-pre-backup"],
                      env=env, check=False)

@@ -894,8 +894,7 @@ def test_incremental_falls_back_when_the_peer_has_no_rsync(world):
 
     # A peer that offered rsync last time and no longer does: the rsync
     # started with the ping is dropped, with what it wrote, for a tar transfer.
-    c.owner_sql("con.execute(\"UPDATE peers SET config_json = json_set(config_json, '$.features', json(?)) "
-                "WHERE name = ?\", (args[1], args[0]))", a.name, '["rsync"]')
+    c.set_recorded_features(a.name, ["rsync"])
     assert recorded_features(c, a.name) == ["rsync"]
     (a.apps_dir / "fbapp" / "VERSION").write_bytes(b"2\n")
     run = peerkit(c, "pull", a.name, "fbapp", "--incremental", "--no-pre-backup")
@@ -909,7 +908,7 @@ def test_incremental_falls_back_when_the_peer_has_no_rsync(world):
     # A peer that offered app-info last time and now refuses it (an older
     # peer-shell since): the pull asks ping and list-apps instead, and what
     # it records sends the next pull straight to them.
-    _set_recorded_features(c, a.name, '["app-info"]')
+    c.set_recorded_features(a.name, ["app-info"])
     (a.apps_dir / "fbapp" / "VERSION").write_bytes(b"3\n")
     mark = len(world.standin_log.read_text().splitlines())
     result = assert_ok(peerkit(c, "pull", a.name, "fbapp", "--no-pre-backup"))
@@ -941,15 +940,6 @@ EARLY = "transfer started alongside the ping (the peer was reachable last time)"
 CHANGED = "the early transfer was stopped: the peer's features changed"
 
 
-def _set_recorded_features(inst: harness.PeerkitInstance, peer: str, features: str | None) -> None:
-    if features is None:
-        inst.owner_sql("con.execute(\"UPDATE peers SET config_json = json_remove(config_json, '$.features') "
-                       "WHERE name = ?\", (args[0],))", peer)
-    else:
-        inst.owner_sql("con.execute(\"UPDATE peers SET config_json = json_set(config_json, '$.features', json(?)) "
-                       "WHERE name = ?\", (args[1], args[0]))", peer, features)
-
-
 def test_a_full_pull_starts_its_transfer_with_the_ping(world):
     a, b = world.a, world.b
     source = make_tree(a.apps_dir / "earlyapp", {"VERSION": b"1\n", "data": None,
@@ -961,7 +951,7 @@ def test_a_full_pull_starts_its_transfer_with_the_ping(world):
     assert same_tree(source, a.user, b.apps_dir / "earlyapp", b.user) == [] and leftovers(b) == []
 
     # Features never recorded (a peer not pinged since): the transfer waits for the ping.
-    _set_recorded_features(b, a.name, None)
+    b.set_recorded_features(a.name, None)
     assert recorded_features(b, a.name) == []
     result = assert_ok(peerkit(b, "pull", a.name, "earlyapp", "--no-pre-backup"))
     assert not any("alongside" in n for n in result["notes"]), result["notes"]
@@ -969,7 +959,7 @@ def test_a_full_pull_starts_its_transfer_with_the_ping(world):
 
     # The last ping offered no zstd and this one does: the plain stream
     # started early goes, with what it wrote, for the compressed one asked for.
-    _set_recorded_features(b, a.name, "[]")
+    b.set_recorded_features(a.name, [])
     (a.apps_dir / "earlyapp" / "VERSION").write_bytes(b"2\n")
     result = assert_ok(peerkit(b, "pull", a.name, "earlyapp", "--compress", "zstd", "--no-pre-backup"))
     for text in (EARLY, CHANGED, "zstd compression: --compress zstd"):
@@ -991,7 +981,7 @@ def test_a_pull_asks_app_info_instead_of_ping_and_list_apps_when_the_peer_offere
     assert same_tree(source, a.user, b.apps_dir / "infoapp", b.user) == [] and leftovers(b) == []
 
     # Features recorded before peers offered app-info: ping and list-apps, which record it for the next pull.
-    _set_recorded_features(b, a.name, '["rsync", "zstd"]')
+    b.set_recorded_features(a.name, ["rsync", "zstd"])
     mark = len(a.audit_events())
     assert_ok(peerkit(b, "pull", a.name, "infoapp", "--no-pre-backup"))
     assert sorted(e["verb"] for e in audit_tail(a, mark)) == ["list-apps", "ping", "stream-app"]
@@ -1015,7 +1005,7 @@ def test_every_channel_of_a_pull_asks_for_our_window_and_packet_size(world):
     """
     a, b = world.a, world.b
     source = make_tree(a.apps_dir / "flowapp", {"VERSION": b"1\n"}, a.user)
-    _set_recorded_features(b, a.name, None)  # the first pull asks ping and list-apps, the second app-info
+    b.set_recorded_features(a.name, None)  # the first pull asks ping and list-apps, the second app-info
     offset = world.sshd.log_offset()
     assert_ok(peerkit(b, "pull", a.name, "flowapp", "--no-pre-backup", "--compress", "none"))
     (source / "VERSION").write_bytes(b"2\n")

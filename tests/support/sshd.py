@@ -695,6 +695,15 @@ class PeerkitInstance:
         if proc.returncode != 0:
             raise HarnessError(f"SQL as {self.user.name} failed: {proc.stderr[-500:]}")
 
+    def set_recorded_features(self, peer: str, features: list[str] | None) -> None:
+        """Record ``features`` as what ``peer``'s last ping offered (None: as never pinged); the next pull plans by them."""
+        if features is None:
+            self.owner_sql("con.execute(\"UPDATE peers SET config_json = json_remove(config_json, '$.features') "
+                           "WHERE name = ?\", (args[0],))", peer)
+        else:
+            self.owner_sql("con.execute(\"UPDATE peers SET config_json = json_set(config_json, '$.features', "
+                           "json(?)) WHERE name = ?\", (args[1], args[0]))", peer, json.dumps(features))
+
     # -- the CLI -----------------------------------------------------------
 
     def cli(self, *args: str, check: bool = True) -> tuple[subprocess.CompletedProcess, dict | None]:

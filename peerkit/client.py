@@ -37,7 +37,7 @@ MAX_PACKET = 256 << 10
 MAX_JSON_REPLY = 4 << 20
 MAX_STDERR = 64 << 10
 # Features a peer-shell may offer that we act on (and record from its ping).
-KNOWN_FEATURES = frozenset({"app-info", "receive-app", "replace-key", "rsync", "zstd"})
+KNOWN_FEATURES = frozenset({"app-info", "receive-app", "replace-key", "rsync", "with-app-info", "zstd"})
 # A peer that keeps the connection open but stops sending is cut off.
 IDLE_TIMEOUT = 120.0
 T = TypeVar("T")
@@ -270,13 +270,18 @@ class PeerConnection:
             raise PeerUnreachable(f"{self.peer.name}: connection lost before {command!r} finished")
         if result.exit_status != 0:
             raise_remote(self.peer.name, result)
-        try:
-            obj = json.loads(buf.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError):
-            raise ProtocolError(f"{self.peer.name}: reply to {command!r} is not JSON") from None
-        if not isinstance(obj, dict):
-            raise ProtocolError(f"{self.peer.name}: reply to {command!r} is not a JSON object")
-        return obj
+        return _json_object(self.peer.name, bytes(buf), f"reply to {command!r}")
+
+
+def _json_object(peer: str, data: bytes, what: str) -> dict[str, Any]:
+    """Return ``data`` (``what`` ``peer`` sent) as a JSON object, or raise ProtocolError."""
+    try:
+        obj = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        raise ProtocolError(f"{peer}: {what} is not JSON") from None
+    if not isinstance(obj, dict):
+        raise ProtocolError(f"{peer}: {what} is not a JSON object")
+    return obj
 
 
 def raise_remote(peer: str, result: StreamResult) -> None:
@@ -386,6 +391,26 @@ async def app_info(conn: PeerConnection, slug: str) -> dict[str, Any]:
         # The refusal of a peer that refuses us altogether comes back from its ping.
         await ping(conn)
         return await list_apps(conn)
+    return _app_info_inventory(conn, slug, reply)
+
+
+async def app_info_answer(conn: PeerConnection, slug: str, answer: "asyncio.Future[bytes]") -> dict[str, Any]:
+    """Return app_info()'s inventory from the answer a ``with-app-info`` rsync sent (stderr's first line).
+
+    ``answer`` is set by ``rsync.run_client`` (or fails with what stopped it
+    first).  An error line in its place raises what its code means, as for
+    any request: PeerRefused for a refusal (a peer-shell older than the form).
+    """
+    line = await answer
+    reply = _json_object(conn.peer.name, line, "with-app-info answer")
+    if reply.get("ok") is False:
+        code = reply.get("error")
+        raise_remote(conn.peer.name, StreamResult(None, 0, line, code[:40] if isinstance(code, str) else None))
+    return _app_info_inventory(conn, slug, reply)
+
+
+def _app_info_inventory(conn: PeerConnection, slug: str, reply: dict[str, Any]) -> dict[str, Any]:
+    """Check app-info's ``reply`` about ``slug``; return it as list_apps()'s inventory."""
     _greeted(conn, reply, "app-info")
     if "app" not in reply:
         raise ProtocolError(f"{conn.peer.name}: app-info reply has no app")

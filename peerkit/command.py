@@ -13,6 +13,7 @@ quoting, no escaping and no shell: what does not match is refused.
     receive-app <slug> [--zstd] [--keep-urls] [--no-pre-backup] [--domain <domain>]
     replace-key <base64 ed25519 key>
     rsync --server [--sender] -<flags>e.<caps> [--delete] [--numeric-ids] . <slug>/
+    with-app-info rsync --server --sender -<flags>e.<caps> [--numeric-ids] . <slug>/
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from .errors import BadSlug, PeerRefused
 from .rsyncargs import RsyncRequest, parse_rsync
 
 MAX_COMMAND = 256
+# A pull's rsync, answering app-info first (on stderr: stdout is rsync's).
+WITH_APP_INFO = "with-app-info"
 
 # verb -> (names of its positional arguments, its flags, the flags taking a value)
 VERBS: dict[str, tuple[tuple[str, ...], frozenset[str], frozenset[str]]] = {
@@ -52,6 +55,7 @@ class Request(NamedTuple):
     flags: frozenset[str] = frozenset()
     domain: str | None = None
     rsync: RsyncRequest | None = None
+    info: bool = False  # with-app-info: app-info's answer before the rsync
     words: tuple[str, ...] = ()
 
     def canonical(self) -> str:
@@ -95,6 +99,14 @@ def parse_command(text: str | None) -> Request:
     if verb == "rsync":
         rsync = parse_rsync(words)
         return Request("rsync", slug=rsync.slug, rsync=rsync, words=tuple(words))
+    if verb == WITH_APP_INFO:
+        # The rest is held to the rsync grammar as it stands; the prefix only
+        # makes sense for the sending side (a pull): the receiving side's
+        # stderr carries its outcome, and a push needs no app-info.
+        rsync = parse_rsync(args)
+        if not rsync.sender:
+            raise PeerRefused("with-app-info is for rsync --sender only")
+        return Request("rsync", slug=rsync.slug, rsync=rsync, info=True, words=tuple(words))
     # Whitelisted verbs only; everything else (shells, sftp, scp, anything
     # with metacharacters glued on) is refused.
     if verb not in VERBS:

@@ -27,10 +27,12 @@ from typing import Any, Awaitable, Callable, Collection
 
 from . import grammar
 from .archive import TarExtractor, check_tree
-from .client import Gate, PeerConnection, StreamResult, app_info, list_apps, open_peer_with, ping
+from .client import Gate, PeerConnection, StreamResult, app_info, app_info_answer, list_apps, open_peer_with, ping
+from .command import WITH_APP_INFO
 from .compress import ZstdFeeder, choose
 from .config import Config
-from .errors import BadSlug, NoSuchApp, PeerUnreachable, SessionRefused, TransferIncomplete, UnsafeArchive
+from .errors import (BadSlug, NoSuchApp, PeerkitError, PeerRefused, PeerUnreachable, ProtocolError, SessionRefused,
+                     TransferIncomplete, UnsafeArchive)
 from .heap import keep_freed_memory
 from .install import NoteFn, ProgressFn, Receiver, Report, check_space, raise_if_disk_full, run_transfer
 from .state import Peer, PeerStore
@@ -262,6 +264,7 @@ async def _pull(cfg: Config, peer_name: str, app: str, pre_backup: bool, keep_ur
             # The ping and list-apps in one request, when the peer offered it.
             info = recorded is not None and "app-info" in recorded
             greet: Callable[[PeerConnection], Awaitable[Any]] = (lambda conn: app_info(conn, app)) if info else ping
+            restart = [False]  # the early rsync must go again (without with-app-info)
             calls: list[Callable[[PeerConnection], Awaitable[Any]]] = [] if info else [list_apps]
             plan = _early_plan(cfg, peer, recorded, incremental, compress,
                                backup_due=pre_backup and receiver.live.exists())
@@ -276,7 +279,13 @@ async def _pull(cfg: Config, peer_name: str, app: str, pre_backup: bool, keep_ur
                 staging = receiver.new_staging()
                 # Filled by a thread while we connect.
                 farm = LinkFarm(receiver.live, cfg.apps_dir, app) if receiver.live.is_dir() else None
-                calls.append(lambda conn: run_client(conn, app, staging, farm))
+                answer: asyncio.Future[bytes] | None = None
+                if info and WITH_APP_INFO in recorded:
+                    # One session instead of two: the rsync's request asks
+                    # app-info's answer first, and that answer is the ping.
+                    answer = asyncio.get_running_loop().create_future()
+                    greet = lambda conn: _greet_with_rsync(conn, app, answer, restart)  # noqa: E731
+                calls.append(lambda conn: run_client(conn, app, staging, farm, answer))
                 report.notes.append("rsync started alongside the ping (the peer offered it last time)")
             elif plan is not None:
                 tar = _TarStream(cfg, app, receiver.new_staging(), plan[1], progress)
@@ -299,6 +308,11 @@ async def _pull(cfg: Config, peer_name: str, app: str, pre_backup: bool, keep_ur
         else:
             listing = futures.pop(0)
         early = futures[0] if futures else None
+        if restart[0] and early is not None:
+            await _cancel(early)  # refused by the peer: nothing ran there
+            early = None
+            report.notes.append("the peer refused with-app-info (an older peer-shell): app-info asked, "
+                                "rsync started again without it")
         try:
             async with conn:
                 try:
@@ -361,6 +375,28 @@ async def _pull(cfg: Config, peer_name: str, app: str, pre_backup: bool, keep_ur
         finally:
             if farm is not None:  # a pull that failed or was stopped: its farm goes before the app lock does
                 await farm.remove()
+
+
+async def _greet_with_rsync(conn: PeerConnection, app: str, answer: "asyncio.Future[bytes]",
+                            restart: list[bool]) -> dict[str, Any]:
+    """Return the inventory app-info's answer gives, from the rsync that asked it first (``with-app-info``).
+
+    Without that answer the greeting is app-info's own: a peer-shell older
+    than the form refuses it (and the rsync goes again without it: sets
+    ``restart[0]``), and an rsync that failed before answering (here or on
+    the peer) fails the transfer, as it would have alongside app-info.  A
+    malformed answer is the peer's error, as app-info's would be.
+    """
+    try:
+        return await app_info_answer(conn, app, answer)
+    except ProtocolError:
+        raise
+    except PeerRefused:
+        # A peer that refuses us altogether refuses app-info as well.
+        restart[0] = True
+    except PeerkitError:
+        pass
+    return await app_info(conn, app)
 
 
 async def _cancel(future: "asyncio.Future[Any]") -> None:

@@ -29,7 +29,8 @@ from typing import Any, Callable
 from .sshimport import asyncssh
 
 from .client import MAX_PACKET, MAX_STDERR, WINDOW, PeerConnection, StreamResult, raise_remote, remote_error
-from .errors import PeerkitError, SessionRefused, TransferIncomplete
+from .command import WITH_APP_INFO
+from .errors import PeerkitError, ProtocolError, SessionRefused, TransferIncomplete
 from .rsyncargs import RSYNC_PATH, parse_rsync, rsync_binary
 from .swap import link_farm, new_staging, remove_tree
 
@@ -115,13 +116,20 @@ async def _relay_request(sock: socket.socket) -> tuple[list[str], list[int]]:
         raise PeerkitError("rsync's remote command is not ASCII") from None
 
 
-async def _carry(conn: PeerConnection, sock: socket.socket, app: str, pull: bool) -> bytes:
-    """Run the relay's command on ``conn`` with rsync's pipes as stdin/stdout; return the remote stderr."""
+async def _carry(conn: PeerConnection, sock: socket.socket, app: str, pull: bool,
+                 answer: "asyncio.Future[bytes] | None") -> bytes:
+    """Run the relay's command on ``conn`` with rsync's pipes as stdin/stdout; return the remote stderr.
+
+    With ``answer``, the command goes as ``with-app-info``, and the first
+    line of the remote stderr (app-info's answer) is handed to ``answer``.
+    """
     words, fds = await _relay_request(sock)
     pipes = [os.fdopen(fds[0], "rb", buffering=0), os.fdopen(fds[1], "wb", buffering=0)]
     proc: Any = None
     try:
         command = checked_command(words, app, pull=pull)
+        if answer is not None:
+            command = f"{WITH_APP_INFO} {command}"
         # asyncssh moves the bytes with flow control both ways, sends EOF
         # when rsync closes its end, closes rsync's input at the remote's
         # EOF, and closes both pipes when the channel closes.
@@ -129,6 +137,8 @@ async def _carry(conn: PeerConnection, sock: socket.socket, app: str, pull: bool
             command, encoding=None, stdin=pipes[0], stdout=pipes[1], stderr=asyncssh.PIPE,
             window=WINDOW, max_pktsize=MAX_PACKET)
         err = bytearray()
+        if answer is not None:
+            err += await _answer_line(conn, proc.stderr, answer)
         # Bounded, and drained all along: stdout and stderr share one window.
         while data := await proc.stderr.read(1 << 16):
             err += data[:MAX_STDERR - len(err)]
@@ -149,6 +159,26 @@ async def _carry(conn: PeerConnection, sock: socket.socket, app: str, pull: bool
     with contextlib.suppress(OSError):  # a relay that is gone has nobody to tell
         sock.send(b"%d" % (status if status is not None and 0 <= status < 256 else 255))
     return bytes(err)
+
+
+async def _answer_line(conn: PeerConnection, stderr: Any, answer: "asyncio.Future[bytes]") -> bytes:
+    """Hand the first line of ``stderr`` to ``answer`` (unless it is done); return all read so far.
+
+    The line stays in what is returned: when it is an error, the remote
+    stderr must still say so once rsync has failed.
+    """
+    buf = bytearray()
+    while b"\n" not in buf:
+        # A peer that sends no line break is cut off, not buffered.
+        if len(buf) > MAX_STDERR:
+            raise ProtocolError(f"{conn.peer.name}: with-app-info answer is too long")
+        data = await stderr.read(1 << 12)
+        if not data:
+            raise ProtocolError(f"{conn.peer.name}: rsync ended without with-app-info's answer")
+        buf += data
+    if not answer.done():
+        answer.set_result(bytes(buf[:buf.index(b"\n")]))
+    return bytes(buf[:MAX_STDERR])
 
 
 class LinkFarm:
@@ -195,18 +225,30 @@ class LinkFarm:
             await asyncio.shield(removal)
 
 
-async def run_client(conn: PeerConnection, app: str, staging: Path, farm: LinkFarm | None) -> int:
+async def run_client(conn: PeerConnection, app: str, staging: Path, farm: LinkFarm | None,
+                     answer: "asyncio.Future[bytes] | None" = None) -> int:
     """Pull ``app`` from the peer into ``staging`` with rsync; return the bytes received.
 
     Files that did not change become hard links of the live app's, found
     in ``farm`` (none for a first pull), whose removal starts when rsync ends.
+    With ``answer``, the request asks app-info's answer first (one session
+    for both, ``with-app-info``): its line is handed to ``answer``, which
+    fails with whatever stops the rsync before it came.
     """
-    if farm is not None:
-        await farm.ready()
     try:
+        if farm is not None:
+            await farm.ready()
         out, _ = await _run(conn, app, True, lambda rsync, relay: client_argv(
             rsync, relay, f"{HOST}:{app}/", f"{staging}/", pull=True,
-            link_dest=farm.path if farm is not None else None))
+            link_dest=farm.path if farm is not None else None), answer)
+    except BaseException as exc:
+        # Whoever waits for the answer must not wait for ever.
+        if answer is not None and not answer.done():
+            if isinstance(exc, asyncio.CancelledError):
+                answer.cancel()
+            else:
+                answer.set_exception(exc)
+        raise
     finally:
         if farm is not None:
             farm.discard()
@@ -221,8 +263,8 @@ async def run_push(conn: PeerConnection, app: str, live: Path) -> tuple[int, byt
     return parse_sent(out), err
 
 
-async def _run(conn: PeerConnection, app: str, pull: bool,
-               make_argv: Callable[[str, str], list[str]]) -> tuple[bytes, bytes]:
+async def _run(conn: PeerConnection, app: str, pull: bool, make_argv: Callable[[str, str], list[str]],
+               answer: "asyncio.Future[bytes] | None" = None) -> tuple[bytes, bytes]:
     """Run the rsync client built by ``make_argv(rsync, relay)`` over ``conn``; raise if it fails.
 
     Returns rsync's stdout and the remote side's stderr.
@@ -241,7 +283,7 @@ async def _run(conn: PeerConnection, app: str, pull: bool,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
             env={"PATH": RSYNC_PATH, "LC_ALL": "C"}, pass_fds=(theirs.fileno(),))
         theirs.close()
-        carry = asyncio.ensure_future(_carry(conn, ours, app, pull))
+        carry = asyncio.ensure_future(_carry(conn, ours, app, pull, answer))
         local = asyncio.ensure_future(proc.communicate())
         await asyncio.wait({carry, local}, return_when=asyncio.FIRST_COMPLETED)
         if carry.done() and carry.exception() is not None:

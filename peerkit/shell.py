@@ -196,7 +196,7 @@ def _dispatch(cfg: Any, peer: Any, request: Request, fds: tuple[int, int, int], 
         # An app this peer may not pull is answered as one that does not
         # exist (as list-apps leaves it out): its name tells it nothing.
         app = app_entry(cfg.apps_dir, request.slug) if peer.may_see(request.slug) else None
-        sent(_reply(stdout_fd, {**_greeting(cfg), "domain": cfg.domain, "app": app}))
+        sent(_reply(stdout_fd, _app_info(cfg, app)))
     elif request.verb == "list-apps":
         from .apps import list_apps
         # Only what this peer may pull: the rest does not exist for it.
@@ -210,7 +210,11 @@ def _dispatch(cfg: Any, peer: Any, request: Request, fds: tuple[int, int, int], 
         sent(_reply(stdout_fd, receive_app(cfg, peer, request, stdin_fd, event)))
     elif request.verb == "rsync" and request.rsync is not None and request.rsync.sender:
         from .send import serve_rsync_send
-        serve_rsync_send(cfg, peer, request, fds, event)
+        # with-app-info: the same answer as app-info, as stderr's first line.
+        announce = (lambda app: _reply(stderr_fd, _app_info(cfg, app))) if request.info else None
+        if request.info:
+            event["with_app_info"] = True
+        serve_rsync_send(cfg, peer, request, fds, event, announce)
     elif request.verb == "rsync":
         from .receive import serve_rsync
         # stdout belongs to rsync's protocol: the outcome goes to stderr.
@@ -227,13 +231,19 @@ def _greeting(cfg: Any) -> dict[str, Any]:
     return {"ok": True, "peer": cfg.name, "version": __version__, "features": _features()}
 
 
+def _app_info(cfg: Any, app: dict | None) -> dict[str, Any]:
+    """Return app-info's answer: ping's, our domain, and ``app`` (its list-apps entry, or None)."""
+    return {**_greeting(cfg), "domain": cfg.domain, "app": app}
+
+
 def _features() -> list[str]:
     """Return what this peer-shell can do beyond the seed's verbs."""
     # Where the transfers look for them (compress.ZSTD_PATH is the same list),
     # checked as shutil.which would, without importing shutil on every call.
     found = [tool for tool in ("rsync", "zstd")
              if any(_is_executable(f"{d}/{tool}") for d in RSYNC_PATH.split(":"))]
-    return sorted(["app-info", "receive-app", "replace-key", *found])
+    # with-app-info is a form of rsync's request: offered with rsync.
+    return sorted(["app-info", "receive-app", "replace-key", *found, *(["with-app-info"] if "rsync" in found else [])])
 
 
 def _is_executable(path: str) -> bool:

@@ -13,12 +13,13 @@ one: tests/integration/test_transfers.py).
 from __future__ import annotations
 
 import asyncio
+import json
 from types import SimpleNamespace
 
 import pytest
 
-from peerkit.client import PeerConnection, _alongside, app_info, known_features
-from peerkit.errors import PeerRefused, PeerUnreachable, ProtocolError, SessionRefused
+from peerkit.client import PeerConnection, _alongside, app_info, app_info_answer, known_features
+from peerkit.errors import NoSuchApp, PeerRefused, PeerUnreachable, ProtocolError, SessionRefused, TransferIncomplete
 
 
 class Peer:
@@ -170,3 +171,84 @@ def test_a_peer_that_refuses_app_info_is_asked_ping_and_list_apps():
         with pytest.raises(type(failure)):
             asyncio.run(app_info(conn, "wiki"))
         assert conn.asked == ["app-info wiki"]
+
+
+def _answered(line: bytes | BaseException) -> "asyncio.Future[bytes]":
+    """The future rsync.run_client fills with stderr's first line (or fails), already done."""
+    future = asyncio.get_running_loop().create_future()
+    if isinstance(line, BaseException):
+        future.set_exception(line)
+    else:
+        future.set_result(line)
+    return future
+
+
+def _answer(conn: PeerConnection, line: bytes | BaseException) -> dict:
+    async def go() -> dict:
+        return await app_info_answer(conn, "wiki", _answered(line))
+    return asyncio.run(go())
+
+
+def test_with_app_info_answer_is_checked_as_app_info_is():
+    line = json.dumps({**GREETING, "domain": "a.example.org", "app": {"slug": "wiki", "size_kb": 7}}).encode()
+    conn = Answers({})
+    assert _answer(conn, line) == {"peer": "beta", "apps": [{"slug": "wiki", "size_kb": 7}], "domain": "a.example.org"}
+    assert conn.features == {"app-info", "rsync"} and conn.asked == []
+
+
+@pytest.mark.parametrize("line", [
+    b"", b"not json", b"\xff\xfe", b"[1, 2]", b'"wiki"',
+    json.dumps({**GREETING, "app": {"slug": "other", "size_kb": 7}}).encode(),
+    json.dumps({**GREETING, "app": {"slug": "wiki", "size_kb": -1}}).encode(),
+    json.dumps({**GREETING}).encode(),
+    json.dumps({"app": {"slug": "wiki", "size_kb": 7}}).encode(),
+], ids=["empty", "text", "not-utf8", "list", "string", "other-app", "negative-size", "no-app", "no-ok"])
+def test_a_malformed_with_app_info_answer_is_a_protocol_error(line):
+    with pytest.raises(ProtocolError):
+        _answer(Answers({}), line)
+
+
+@pytest.mark.parametrize("code,error", [("refused", PeerRefused), ("no-such-app", NoSuchApp),
+                                        ("failed", TransferIncomplete), (None, PeerRefused)])
+def test_an_error_line_in_place_of_the_answer_raises_what_its_code_means(code, error):
+    line = json.dumps({"ok": False, **({"error": code} if code else {})}).encode()
+    with pytest.raises(error):
+        _answer(Answers({}), line)
+
+
+APP_INFO = {**GREETING, "domain": None, "app": {"slug": "wiki", "size_kb": 7}}
+
+
+@pytest.mark.parametrize("first,asked,restart", [
+    (json.dumps(APP_INFO).encode(), [], False),
+    # A peer-shell older than with-app-info refuses it: app-info, and the rsync goes again.
+    (b'{"ok": false, "error": "refused"}', ["app-info wiki"], True),
+    # The rsync failed before answering (here or on the peer): app-info; its error is the transfer's.
+    (TransferIncomplete("rsync exited 12"), ["app-info wiki"], False),
+    (SessionRefused("no session"), ["app-info wiki"], False),
+    (b'{"ok": false, "error": "failed"}', ["app-info wiki"], False),
+])
+def test_a_pull_greets_with_the_rsync_answer_or_else_app_info(first, asked, restart):
+    from peerkit.pull import _greet_with_rsync
+
+    conn = Answers({"app-info wiki": APP_INFO})
+    flag = [False]
+
+    async def go() -> dict:
+        return await _greet_with_rsync(conn, "wiki", _answered(first), flag)
+
+    assert asyncio.run(go())["apps"] == [{"slug": "wiki", "size_kb": 7}]
+    assert conn.asked == asked and flag == [restart]
+
+
+def test_a_malformed_rsync_answer_is_not_papered_over_by_app_info():
+    from peerkit.pull import _greet_with_rsync
+
+    conn = Answers({"app-info wiki": APP_INFO})
+
+    async def go() -> dict:
+        return await _greet_with_rsync(conn, "wiki", _answered(b"garbage"), [False])
+
+    with pytest.raises(ProtocolError):
+        asyncio.run(go())
+    assert conn.asked == []

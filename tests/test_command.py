@@ -23,6 +23,26 @@ def test_accepted(text, expected):
     assert parse_command(text) == expected
 
 
+SEND = "rsync --server --sender -lHtpre.iLsfxCIvu --numeric-ids . myapp/"
+
+
+def test_with_app_info_is_a_pull_rsync_that_answers_app_info_first():
+    plain, info = parse_command(SEND), parse_command("with-app-info " + SEND)
+    assert (info.verb, info.slug, info.rsync, info.info) == ("rsync", "myapp", plain.rsync, True)
+    assert plain.info is False and info.canonical() == "with-app-info " + SEND
+
+
+@pytest.mark.parametrize("text", [
+    "with-app-info", "with-app-info ping", "with-app-info app-info myapp", "with-app-info stream-app myapp",
+    "with-app-info rsync --server -lHtpre.iLsfxCIvu . myapp/",  # the receiving side (a push)
+    "with-app-info with-app-info " + SEND, "with-app-info  " + SEND, "WITH-APP-INFO " + SEND,
+    "with-app-info -- " + SEND, SEND + " with-app-info", "with-app-info " + SEND.replace(" . ", " --delete . "),
+])
+def test_with_app_info_refused_forms(text):
+    with pytest.raises(PeerRefused):
+        parse_command(text)
+
+
 REFUSED = {
     "none": None,
     "empty": "",

@@ -13,7 +13,7 @@ import pytest
 from peerkit import __version__, audit, pairing
 from peerkit.apps import archive_size
 from peerkit.config import Config
-from peerkit.errors import PeerRefused
+from peerkit.errors import NoSuchApp, PeerRefused
 from peerkit.state import PeerStore
 from tests.instances import make_instance
 
@@ -112,6 +112,54 @@ def test_app_info_of_an_app_not_offered_looks_like_a_missing_one(tmp_path):
                               for slug in ("wiki", "nope", "blog"))
     assert hidden == missing and hidden["app"] is None
     assert shown["app"] == {"slug": "blog", "size_kb": archive_size(alpha.apps_dir / "blog") // 1024}
+
+
+def test_with_app_info_answers_app_info_on_stderr_before_rsync_runs(instance, tmp_path):
+    """A real rsync pull through peer-shell (as its remote shell): the answer comes first and disturbs nothing."""
+    info = peer_shell(instance, "app-info myapp").stdout
+    # rsync runs it as "<remote shell> HOST rsync --server --sender ...".
+    remote = tmp_path / "remote-shell"
+    remote.write_text(f'#!/bin/sh\nshift\nSSH_ORIGINAL_COMMAND="with-app-info $*" SSH_CONNECTION="{SSH_CONNECTION}" '
+                      f'exec {PEER_SHELL} --config {instance.path} beta\n')
+    remote.chmod(0o755)
+    before = len(events(instance))
+    dest = tmp_path / "copy"
+    proc = subprocess.run(["rsync", "-rlptH", "--numeric-ids", "-e", str(remote), "peer:myapp/", f"{dest}/"],
+                          capture_output=True, timeout=60, env={"PATH": "/usr/bin:/bin", "HOME": os.environ["HOME"]})
+    assert proc.returncode == 0, proc.stderr
+    # rsync passes its remote shell's stderr on: exactly app-info's answer, nothing else.
+    assert proc.stderr == info
+    app = instance.apps_dir / "myapp"
+    assert sorted(p.relative_to(dest) for p in dest.rglob("*")) == sorted(p.relative_to(app) for p in app.rglob("*"))
+    assert all((dest / p.relative_to(app)).read_bytes() == p.read_bytes() for p in app.rglob("*") if p.is_file())
+    [event] = events(instance)[before:]
+    assert (event["verb"], event["slug"], event.get("with_app_info"), event["outcome"]) == ("rsync", "myapp", True, "ok")
+
+
+def test_with_app_info_of_a_missing_or_hidden_app_answers_null_and_starts_nothing(tmp_path):
+    from peerkit.permissions import change
+
+    alpha = make_instance(tmp_path / "alpha", "alpha")
+    beta = make_instance(tmp_path / "beta", "beta")
+    pairing.pair(alpha, pairing.our_token(beta)[0])
+    (alpha.apps_dir / "wiki").mkdir(parents=True)
+    (alpha.apps_dir / "wiki" / "f").write_bytes(b"x" * 5000)
+    change(alpha, "beta", allow=False, apps=("wiki",))
+    hidden, missing = (peer_shell(alpha, f"with-app-info rsync --server --sender -lHtpre.iLsfxCIvu . {slug}/")
+                       for slug in ("wiki", "nope"))
+    # app-info's answer (app null), then the error: the same bytes for both.
+    assert (hidden.returncode, hidden.stdout, hidden.stderr) == (missing.returncode, missing.stdout, missing.stderr)
+    assert hidden.returncode == NoSuchApp.exit_code and hidden.stdout == b""
+    first, second, rest = hidden.stderr.split(b"\n", 2)
+    assert first + b"\n" == peer_shell(alpha, "app-info nope").stdout and json.loads(first)["app"] is None
+    assert json.loads(second) == {"ok": False, "error": "no-such-app"} and rest == b""
+
+
+def test_with_app_info_is_offered_with_rsync():
+    from peerkit import shell
+
+    features = shell._features()
+    assert ("with-app-info" in features) == ("rsync" in features)
 
 
 def test_stream_app_round_trips(instance, tmp_path):

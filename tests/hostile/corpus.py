@@ -34,6 +34,8 @@ SHELL_METACHARACTERS = [
     "replace-key " + K[:-1] + ";", "stream-app shared\\;id", "ping;", ";ping", "&&ping", "ping $HOME",
     "stream-app $APP", "stream-app shared*", "ping ^", "exec /bin/sh",
     "app-info shared;id", "app-info $(id)", "app-info shared|sh", "app-info `id`", "app-info shared&&id",
+    "with-app-info " + SEND + " . shared/;id", "with-app-info;" + SEND + " . shared/", "with-app-info $(id)",
+    "with-app-info `id` " + SEND + " . shared/", "with-app-info|" + SEND + " . shared/",
 ]
 
 QUOTING = [
@@ -107,6 +109,14 @@ OPTION_INJECTION = [
     "scp -f /etc/passwd", "git-upload-pack '/srv/repo'", "/usr/lib/openssh/sftp-server", "tar -cf - /",
     "app-info", "app-info -x", "app-info --", "app-info -- shared", "app-info shared --zstd", "app-info shared secret",
     "app-info --help", "app-info -shared", "app-info shared --all",
+    # with-app-info: only before rsync's sending side, exactly once.
+    "with-app-info", "with-app-info ping", "with-app-info app-info shared", "with-app-info stream-app shared",
+    "with-app-info list-apps", "with-app-info " + RECV + " . shared/", "with-app-info " + RECV + " --delete . shared/",
+    "with-app-info with-app-info " + SEND + " . shared/", "with-app-info --sender " + SEND + " . shared/",
+    SEND + " with-app-info . shared/", "rsync with-app-info --server --sender -re.x . shared/",
+    "with-app-info -- " + SEND + " . shared/", "With-App-Info " + SEND + " . shared/",
+    "with_app_info " + SEND + " . shared/", "with-app-info " + SEND + " --delete . shared/",
+    "with-app-info " + SEND + " . shared/ secret/", "with-app-info  " + SEND + " . shared/",
 ]
 
 TRAVERSAL = [
@@ -127,6 +137,8 @@ TRAVERSAL = [
     "list-apps ..", "ping ../../", "replace-key ../", "stream-app shared/../secret", "stream-app secret/../shared",
     "app-info ..", "app-info ../shared", "app-info /etc", "app-info shared/", "app-info shared/../secret",
     "app-info .", "app-info ~",
+    "with-app-info rsync --server --sender -re.x . ../shared/", "with-app-info rsync --server --sender -re.x . /etc/",
+    "with-app-info rsync --server --sender -re.x . shared/../secret/", "with-app-info rsync --server --sender -re.x . ~/",
 ]
 
 RSYNC_HISTORY = [
@@ -196,6 +208,7 @@ CONTROLS = [
     "receive-app shared --domain example.org --no-pre-backup", "replace-key " + K,
     SEND + " . shared/", "rsync --server --sender -re.x . shared/", RECV + " --delete --stats --numeric-ids . shared/",
     "rsync --server -lHogtpre.iLsfxC . nope/",
+    "with-app-info " + SEND + " . shared/", "with-app-info " + SEND + " . secret/", "with-app-info " + SEND + " . nope/",
     # Exactly 256 characters: the longest command allowed.
     "receive-app " + "s" * 63 + " --zstd --keep-urls --no-pre-backup --domain " + ".".join(["d" * 63, "e" * 63, "f" * 8]),
 ]
@@ -205,6 +218,7 @@ TEMPLATES = [
     ["ping"], ["list-apps"], ["app-info", "shared"], ["stream-app", "shared"], ["stream-app", "shared", "--zstd"],
     ["receive-app", "shared", "--keep-urls", "--domain", "example.org"], ["replace-key", K],
     SEND.split(" ") + [".", "shared/"], RECV.split(" ") + ["--delete", ".", "shared/"],
+    ["with-app-info", *SEND.split(" "), ".", "shared/"],
 ]
 TRAVERSAL_WORDS = ["..", "../shared", "/", "/etc/passwd", "./", "shared/../..", "%2e%2e%2f", "~"]
 METACHARACTERS = [";", "|", "&", "`", "$(", ")", ">", "<", "*", "?", "\\", "'", '"', "\n", "\x00", "\t", "#", "~"]

@@ -210,11 +210,18 @@ class ShellHarness:
         assert request.canonical() == command and request.verb == spec.verb(form), f"{why}: {request}"
         assert event.get("verb") == request.verb and event.get("slug") == spec.slug_of(command), f"{why}: {event}"
         self._check_spawned(command, request, out)
+        if request.info:
+            # with-app-info: app-info's answer is stderr's first line, whatever follows.
+            first = json.loads(out.stderr.split(b"\n", 1)[0])
+            expected = {"slug": "shared", "size_kb": 10} if request.slug == "shared" else None
+            assert first["ok"] is True and first["app"] == expected, f"{why}: stderr {out.stderr[:300]!r}"
+            if expected is None:  # missing or not offered: rsync never started
+                assert out.spawned == [] and out.status != 0, f"{why}: {out.spawned} {out.status}"
         if out.status != 0:
             reply = json.loads(out.stderr.splitlines()[-1])
             assert reply.get("ok") is False and event["outcome"] == reply["error"], f"{why}: {out.stderr!r}"
             # Everything else than "shared" looks the same: missing or not offered.
-            if request.slug not in (None, "shared") and request.verb in ("stream-app",):
+            if request.slug not in (None, "shared") and (request.verb == "stream-app" or request.info):
                 assert reply["error"] == "no-such-app", f"{why}: {reply}"
         self.baseline = tree_signature(self.root, self.skip)
         return False

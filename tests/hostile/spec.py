@@ -13,6 +13,7 @@ accepts is the command itself, word for word (``Request.canonical()``).
     replace-key <68 base64 characters: an ed25519 key blob>
     rsync --server --sender -<lHogtpr...>e.<caps> [--numeric-ids] . <slug>/
     rsync --server -<lHogtpr...>e.<caps> [--delete] [--stats] [--numeric-ids] . <slug>/   (options in any order, once each)
+    with-app-info rsync --server --sender -<lHogtpr...>e.<caps> [--numeric-ids] . <slug>/
 
 Single spaces, printable ASCII (implied by the character classes), at most
 256 characters in all.
@@ -56,10 +57,11 @@ FORMS = {
     "receive-app": rf"receive-app {SLUG}{_alt(_RECEIVE_FLAGS)}",
     "replace-key": rf"replace-key {KEY}",
     "rsync-send": rf"rsync --server --sender {RSYNC_FLAGS}(?: --numeric-ids)? \. {SLUG}/",
+    "rsync-send-info": rf"with-app-info rsync --server --sender {RSYNC_FLAGS}(?: --numeric-ids)? \. {SLUG}/",
     "rsync-receive": rf"rsync --server {RSYNC_FLAGS}{_alt(_orders(['--delete', '--stats', '--numeric-ids']))} \. {SLUG}/",
 }
 _COMPILED = {name: re.compile(pattern, re.ASCII) for name, pattern in FORMS.items()}
-VERB_OF = {"rsync-send": "rsync", "rsync-receive": "rsync"}
+VERB_OF = {"rsync-send": "rsync", "rsync-send-info": "rsync", "rsync-receive": "rsync"}
 
 
 def allowed(text: object) -> str | None:
@@ -81,6 +83,6 @@ def slug_of(text: str) -> str | None:
     words = text.split(" ")
     if words[0] in ("app-info", "stream-app", "receive-app"):
         return words[1]
-    if words[0] == "rsync":
+    if words[0] in ("rsync", "with-app-info"):
         return words[-1][:-1]
     return None

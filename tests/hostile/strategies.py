@@ -27,7 +27,8 @@ SPECIAL = list(" \t\n\r\x00\x0b\x0c\x1b\x7f;|&`$()<>*?~{}[]\\'\"#!%=,:/.-_^@+") 
 CHARS = SPECIAL + list(string.printable)
 SLUGS = ["shared", "a", "secret", "nope", "0", "a-", "z" * 63]
 VOCAB = [
-    "ping", "list-apps", "app-info", "stream-app", "receive-app", "replace-key", "rsync", "Ping", "list_apps",
+    "ping", "list-apps", "app-info", "stream-app", "receive-app", "replace-key", "rsync", "with-app-info", "Ping",
+    "list_apps",
     "stream-apps", "sh", "bash", "-c", "scp", "sftp", "internal-sftp", "/bin/sh", "exec", "env", "git-upload-pack",
     "--zstd", "--keep-urls", "--no-pre-backup", "--domain", "--server", "--sender", "--delete", "--stats",
     "--numeric-ids", "--", "-", "-x", "-e", "--rsh=sh", "--rsync-path=sh", "--to-command=sh",
@@ -90,7 +91,7 @@ class Chooser:
         return ".".join(self.label() for _ in range(self.between(2, 4)))
 
     def allowed(self) -> str:
-        kind = self.below(9)
+        kind = self.below(10)
         if kind == 0:
             return "ping"
         if kind == 1:
@@ -108,11 +109,11 @@ class Chooser:
             return "replace-key " + self.text(B64, 68, 68)
         if kind == 8:
             return f"app-info {self.slug()}"
-        sender = kind == 6
+        sender = kind in (6, 9)
         pool = ["--numeric-ids"] if sender else ["--delete", "--stats", "--numeric-ids"]
         options = [pool.pop(self.below(len(pool))) for _ in range(self.below(len(pool) + 1))]
         flags = f"-{self.text('lHogtpr', 1, 9)}e.{self.text(string.ascii_letters, 1, 12)}"
-        head = ["rsync", "--server"] + (["--sender"] if sender else [])
+        head = (["with-app-info"] if kind == 9 else []) + ["rsync", "--server"] + (["--sender"] if sender else [])
         return " ".join(head + [flags, *options, ".", self.slug() + "/"])
 
     def mutated(self) -> str:

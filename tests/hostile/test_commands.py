@@ -172,6 +172,11 @@ def test_allowed_controls_in_process(harness):
     # Not offered looks exactly like missing.
     assert outcomes["stream-app secret"].stderr == outcomes["stream-app nope"].stderr
     assert outcomes["stream-app secret"].status == outcomes["stream-app nope"].status == 50
+    # with-app-info: app-info's answer first, and again not offered looks exactly like missing.
+    shared, secret, nope = (outcomes[f"with-app-info {corpus.SEND} . {slug}/"] for slug in ("shared", "secret", "nope"))
+    assert shared.stderr.split(b"\n", 1)[0] + b"\n" == outcomes["app-info shared"].stdout
+    assert (secret.stdout, secret.stderr, secret.status) == (nope.stdout, nope.stderr, nope.status)
+    assert secret.stderr == outcomes["app-info nope"].stdout + outcomes["stream-app nope"].stderr
 
 
 # -- the real peer-shell executable ---------------------------------------------------------

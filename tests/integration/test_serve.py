@@ -435,10 +435,15 @@ def test_a_pull_started_with_the_ping_takes_turns_too(world, configure, allowed,
     shutil.rmtree(c.apps_dir / "slow")
 
 
-@pytest.mark.parametrize("greeting", sorted(GREETINGS))
+# What an incremental pull asks S: rsync that answers app-info first (S offered with-app-info), or app-info
+# and rsync (before with-app-info), or ping, list-apps and rsync (before app-info).
+INCREMENTAL = {"with-app-info": [], "app-info": ["app-info"], "ping": ["list-apps", "ping"]}
+
+
+@pytest.mark.parametrize("greeting", sorted(INCREMENTAL))
 @pytest.mark.parametrize("allowed", [1, 2])
 def test_an_incremental_pull_takes_turns_too(world, configure, allowed, greeting):
-    """With rsync recorded, an incremental pull asks app-info (or ping and list-apps) and rsync at once."""
+    """With rsync recorded, an incremental pull asks rsync with app-info (or app-info, or ping and list-apps) at once."""
     if shutil.which("rsync", path="/usr/local/bin:/usr/bin:/bin") is None:
         pytest.fail("rsync is not installed", pytrace=False)
     configure(serve={"max_sessions_per_peer": allowed})
@@ -448,6 +453,8 @@ def test_an_incremental_pull_takes_turns_too(world, configure, allowed, greeting
     c.user.run([str(c.peerkit), "ping", "site-s"], env=env, check=True)
     if greeting == "ping":
         c.set_recorded_features("site-s", ["receive-app", "replace-key", "rsync"])  # as before app-info
+    elif greeting == "app-info":
+        c.set_recorded_features("site-s", ["app-info", "receive-app", "replace-key", "rsync"])
     before = len(world.s.audit_events())
     out = c.user.run([str(c.peerkit), "pull", "site-s", "slow", "--incremental", "--json", "--no-pre-backup"],
                      env=env, check=False)
@@ -458,11 +465,12 @@ def test_an_incremental_pull_takes_turns_too(world, configure, allowed, greeting
     refused = [(e["verb"], e["outcome"]) for e in world.serve_events(before)]
     # Up to three sessions at once (rsync's channel opens once its relay is up,
     # maybe after the ping): with one allowed, list-apps at least was refused.
-    asked = GREETINGS[greeting] + ["rsync"]
-    assert set(refused) <= {("session", "refused")} and (allowed == 2 or refused or greeting == "app-info"), refused
-    assert len(refused) <= len(asked) - allowed, refused
-    verbs = [e["verb"] for e in world.shell_events(before)]
-    assert sorted(verbs) == sorted(asked), verbs
+    asked = INCREMENTAL[greeting] + ["rsync"]
+    assert set(refused) <= {("session", "refused")} and (allowed == 2 or refused or greeting != "ping"), refused
+    assert len(refused) <= max(0, len(asked) - allowed), refused
+    events = world.shell_events(before)
+    assert sorted(e["verb"] for e in events) == sorted(asked), events
+    assert [e.get("with_app_info", False) for e in events if e["verb"] == "rsync"] == [greeting == "with-app-info"]
     shutil.rmtree(c.apps_dir / "slow")
 
 

@@ -346,7 +346,7 @@ def test_paired_key_can_ping_list_apps_and_stream_an_app_byte_identical(paired, 
 
     pong = ok_json(beta.ssh(alpha, "ping"))
     assert pong == {"ok": True, "peer": alpha.name, "version": peerkit.__version__,
-                    "features": ["app-info", "receive-app", "replace-key", "rsync", "zstd"]}
+                    "features": ["app-info", "receive-app", "replace-key", "rsync", "with-app-info", "zstd"]}
 
     listing = ok_json(beta.ssh(alpha, "list-apps"))
     assert listing["peer"] == alpha.name
@@ -360,6 +360,12 @@ def test_paired_key_can_ping_list_apps_and_stream_an_app_byte_identical(paired, 
     # app-info: the ping's answer and one app's entry; the symlinked dir is no app.
     assert ok_json(beta.ssh(alpha, "app-info blog")) == {**pong, "domain": listing["domain"], "app": expected[1]}
     assert ok_json(beta.ssh(alpha, "app-info linked")) == {**pong, "domain": listing["domain"], "app": None}
+    # with-app-info (a pull's rsync): the same answer first on stderr; for no app, then the error, and nothing ran.
+    res = beta.ssh(alpha, "with-app-info rsync --server --sender -lHtpre.iLsfxCIvu . linked/")
+    assert res.returncode == 50 and res.stdout == b"", res
+    answer, error = res.stderr.splitlines()
+    assert json.loads(answer) == {**pong, "domain": listing["domain"], "app": None}
+    assert json.loads(error) == {"ok": False, "error": "no-such-app"}
 
     before = len(alpha.audit_events())
     archive = beta.ssh(alpha, "stream-app blog")

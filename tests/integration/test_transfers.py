@@ -11,9 +11,11 @@ per user, driven through the real CLI as that user.
 * B (``site-b``, domain b.example.org) pulls from A and pushes to A; paired
   both ways.
 * C (``site-c``) pulls from A through a stand-in forced command that acts
-  as an older peer-shell: its ``ping`` reply hides "rsync" and "app-info"
-  from the features and it refuses ``app-info``, to see the fallbacks (a
-  full transfer; ping and list-apps).
+  as an older peer-shell: its ``ping`` reply hides "rsync", "app-info" and
+  "with-app-info" from the features and it refuses ``app-info`` and
+  ``with-app-info``, to see the fallbacks (a full transfer; ping and
+  list-apps).  With ``<log>.rsync`` present it acts as a peer-shell that has
+  rsync and app-info but is older than ``with-app-info`` only.
 
 The tests run in file order and build on each other only where they say so
 (A grants B push in the first test; the big app made for the incremental
@@ -85,19 +87,31 @@ echo "$1 $PEERKIT_APP $PEERKIT_PEER" >> @LOG@
 exit 0
 '''
 
-# A's forced command for C: the real peer-shell, except that the reply to
-# "ping" does not list rsync or app-info among the features, and app-info
-# is refused as peer-shell refuses an unknown verb (like an older peer-shell).
+# A's forced command for C: the real peer-shell, except that the replies to
+# "ping" (and app-info) do not list rsync, app-info or with-app-info among
+# the features, and app-info and with-app-info are refused as peer-shell
+# refuses an unknown verb (like an older peer-shell).  With @LOG@.rsync
+# present, only with-app-info is hidden and refused.
 _STANDIN = r'''#!/bin/sh
 printf '%s\n' "$SSH_ORIGINAL_COMMAND" >> @LOG@
+older() { [ ! -e @LOG@.rsync ]; }
+refuse() { echo '{"ok": false, "error": "refused"}' >&2; exit 42; }
+hide() {
+    sed -e 's/, "with-app-info"//' -e 's/"with-app-info", //' |
+        if older; then sed -e 's/"app-info", //' -e 's/, "rsync"//' -e 's/"rsync", //'; else cat; fi
+}
 case "$SSH_ORIGINAL_COMMAND" in
+with-app-info*)
+    refuse ;;
+app-info*)
+    older && refuse
+    out=$(@PEER_SHELL@ "$@") || exit $?
+    printf '%s\n' "$out" | hide
+    exit 0 ;;
 ping)
     out=$(@PEER_SHELL@ "$@") || exit $?
-    printf '%s\n' "$out" | sed -e 's/"app-info", //' -e 's/, "rsync"//' -e 's/"rsync", //'
+    printf '%s\n' "$out" | hide
     exit 0 ;;
-app-info*)
-    echo '{"ok": false, "error": "refused"}' >&2
-    exit 42 ;;
 esac
 exec @PEER_SHELL@ "$@"
 '''
@@ -919,6 +933,28 @@ def test_incremental_falls_back_when_the_peer_has_no_rsync(world):
     assert same_tree(source, a.user, c.apps_dir / "fbapp", c.user) == [] and leftovers(c) == []
     assert recorded_features(c, a.name) == ["receive-app", "replace-key", "zstd"]
 
+    # A peer that offered with-app-info last time and now refuses it (a
+    # peer-shell with rsync and app-info, older than with-app-info): app-info
+    # is asked instead, and the rsync goes again without it.
+    flag = Path(f"{world.standin_log}.rsync")
+    flag.write_bytes(b"")
+    flag.chmod(0o644)
+    try:
+        c.set_recorded_features(a.name, ["app-info", "rsync", "with-app-info"])
+        # (Another size: rsync's quick check would miss a change within the same second.)
+        (a.apps_dir / "fbapp" / "VERSION").write_bytes(b"four\n")
+        mark = len(world.standin_log.read_text().splitlines())
+        result = assert_ok(peerkit(c, "pull", a.name, "fbapp", "--incremental", "--no-pre-backup"))
+        asked = world.standin_log.read_text().splitlines()[mark:]
+        assert [w.split(" ")[0] for w in asked] == ["with-app-info", "app-info", "rsync"], asked
+        assert asked[0] == "with-app-info " + asked[2] and asked[1] == "app-info fbapp", asked
+        assert any("refused with-app-info" in n for n in result["notes"]), result["notes"]
+        assert same_tree(source, a.user, c.apps_dir / "fbapp", c.user) == [] and leftovers(c) == []
+        assert not _processes_of(c.user, "rsync")
+        assert recorded_features(c, a.name) == ["app-info", "receive-app", "replace-key", "rsync", "zstd"]
+    finally:
+        flag.unlink()
+
     # Pushing incrementally falls back the same way.
     peerkit(a, "allow", c.name, "--push")
     install_standin(world)  # allow rewrote C's key line with the real peer-shell
@@ -995,6 +1031,34 @@ def test_a_pull_asks_app_info_instead_of_ping_and_list_apps_when_the_peer_offere
     assert "app-info" in recorded_features(b, a.name) and leftovers(b) == []
 
 
+def test_an_incremental_pull_asks_app_info_with_its_rsync_when_the_peer_offered_it(world):
+    """One session: the rsync's request asks app-info's answer first (with-app-info), and that answer is the ping."""
+    a, b = world.a, world.b
+    source = make_tree(a.apps_dir / "oneapp", {"VERSION": b"1\n", "f.bin": os.urandom(50_000)}, a.user)
+    assert_ok(peerkit(b, "pull", a.name, "oneapp", "--no-pre-backup", "--compress", "none"))
+    assert "with-app-info" in recorded_features(b, a.name)
+    (source / "VERSION").write_bytes(b"two\n")  # another size: rsync's quick check sees it within the second
+    as_owner(source, a.user)
+    mark = len(a.audit_events())
+    result = assert_ok(peerkit(b, "pull", a.name, "oneapp", "--incremental", "--no-pre-backup"))
+    assert [(e["verb"], e.get("slug"), e.get("with_app_info")) for e in audit_tail(a, mark)] == [
+        ("rsync", "oneapp", True)]
+    assert any("alongside the ping" in n for n in result["notes"]), result["notes"]
+    assert same_tree(source, a.user, b.apps_dir / "oneapp", b.user) == [] and leftovers(b) == []
+    assert "with-app-info" in recorded_features(b, a.name)
+
+    # A missing app: app-info's answer says so, nothing is started, and the peer is recorded as reachable.
+    mark = len(a.audit_events())
+    run = peerkit(b, "pull", a.name, "nooneapp", "--incremental", "--no-pre-backup")
+    assert_failed(run, "no-such-app")
+    assert [(e["verb"], e.get("with_app_info"), e["outcome"]) for e in audit_tail(a, mark)] == [
+        ("rsync", True, "no-such-app")]
+    assert leftovers(b) == [] and not _processes_of(b.user, "rsync")
+    _, peers = b.cli("peers")
+    [entry] = [p for p in peers["peers"] if p["name"] == a.name]
+    assert entry["status"] == "ok" and "with-app-info" in entry["features"], entry
+
+
 def test_every_channel_of_a_pull_asks_for_our_window_and_packet_size(world):
     """Each channel a pull opens (app-info or ping and list-apps, stream-app, rsync) carries WINDOW and MAX_PACKET.
 
@@ -1005,15 +1069,18 @@ def test_every_channel_of_a_pull_asks_for_our_window_and_packet_size(world):
     """
     a, b = world.a, world.b
     source = make_tree(a.apps_dir / "flowapp", {"VERSION": b"1\n"}, a.user)
-    b.set_recorded_features(a.name, None)  # the first pull asks ping and list-apps, the second app-info
+    # The first pull asks ping and list-apps, the second app-info, the third rsync with-app-info.
+    b.set_recorded_features(a.name, None)
     offset = world.sshd.log_offset()
     assert_ok(peerkit(b, "pull", a.name, "flowapp", "--no-pre-backup", "--compress", "none"))
-    (source / "VERSION").write_bytes(b"2\n")
-    as_owner(source, a.user)
-    result = assert_ok(peerkit(b, "pull", a.name, "flowapp", "--incremental", "--no-pre-backup"))
-    assert [s["name"] for s in result["stages"]].count("transfer") == 1
+    for version, extra in ((b"2\n", ()), (b"3\n", ("--incremental",))):
+        (source / "VERSION").write_bytes(version)
+        as_owner(source, a.user)
+        result = assert_ok(peerkit(b, "pull", a.name, "flowapp", "--no-pre-backup", "--compress", "none", *extra))
+        assert [s["name"] for s in result["stages"]].count("transfer") == 1
+    assert "with-app-info" in recorded_features(b, a.name)
     opened = re.findall(r"ctype session rchan \d+ win (\d+) max (\d+)", world.sshd.log_since(offset))
-    assert len(opened) == 5, opened  # ping, list-apps and the transfer, then app-info and the transfer
+    assert len(opened) == 6, opened  # ping, list-apps and the transfer; app-info and the transfer; rsync
     assert set(opened) == {(str(WINDOW), str(MAX_PACKET))}, opened
 
 

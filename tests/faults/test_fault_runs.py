@@ -350,6 +350,35 @@ def test_fault_run(request, sc):
     COUNTS.survived += 1
 
 
+def test_an_incremental_pull_stopped_while_its_rsync_answers_app_info_changes_nothing(dst):
+    """SIGTERM while the greeting is the answer a with-app-info rsync owes: nothing changes, nothing is left."""
+    if shutil.which("rsync", path="/usr/local/bin:/usr/bin:/bin") is None:
+        pytest.fail("rsync is not installed", pytrace=False)
+    slug = "info-stop"
+    src = dst.source
+    src.clear_plan(slug)
+    dst.clear_hooks(slug)
+    src.app(slug, rig.app_spec("new", seed=21))
+    assert dst.pull(slug, "--no-pre-backup", "--compress", "none").code == "ok"
+    before = snapshot(dst.apps_dir / slug)
+    src.app(slug, rig.app_spec("newer", seed=22))
+    dst.inst.set_recorded_features(src.inst.name, ["app-info", "receive-app", "replace-key", "rsync",
+                                                   "with-app-info", "zstd"])
+    started = src.hold(dst, "with-app-info", 6)
+    try:
+        bg = dst.start_pull(slug, "--incremental", "--no-pre-backup")
+        assert harness_wait(started.exists, 30), "with-app-info was never asked"
+        os.kill(bg.proc.pid, signal.SIGTERM)
+        run = bg.finish(timeout=60)
+    finally:
+        src.release(dst, "with-app-info")
+    assert run.code == "interrupted", run.why()
+    assert [name for name, st in run.stages.items() if st["outcome"] == "failed"] == ["ping"], run.why()
+    assert snapshot(dst.apps_dir / slug) == before and dst.leftovers(slug) == []
+    # The local rsync went with the pull.
+    assert subprocess.run(["pgrep", "-u", str(dst.inst.user.uid), "-x", "rsync"]).returncode == 1
+
+
 @pytest.mark.parametrize("asked", ["app-info", "list-apps"])
 def test_a_transfer_started_with_the_ping_waits_for_the_space_check(disk, asked):
     """Before app-info (or list-apps) and the space check, an early transfer writes its head start at most.

@@ -332,7 +332,7 @@ class Source:
         return path
 
     def hold(self, puller: "Puller", verb: str, seconds: float) -> Path:
-        """Hold ``verb`` (ping, list-apps, app-info) for ``seconds`` when ``puller`` calls; return the started marker."""
+        """Hold ``verb`` (ping, list-apps, app-info, with-app-info) for ``seconds`` when ``puller`` calls; return the started marker."""
         path = self.dir / "holds" / f"{puller.inst.name}.{verb}"
         started = path.with_name(path.name + ".started")
         if started.exists():

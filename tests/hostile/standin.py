@@ -9,9 +9,9 @@ as the source's owner, under the real sshd, exactly where peer-shell would:
   byte offset, paced, stalled, and then ended in the planned way (exit
   status, killing itself, killing its sshd session, hanging until the
   client hangs up);
-* ``ping`` / ``list-apps`` / ``app-info <slug>`` are held for a few seconds
-  when a hold file ``holds/<peer>.<verb>`` says so (to signal a pull in
-  that stage);
+* ``ping`` / ``list-apps`` / ``app-info <slug>`` / ``with-app-info rsync …``
+  are held for a few seconds when a hold file ``holds/<peer>.<verb>`` says
+  so (to signal a pull in that stage);
 * everything else execs the real peer-shell with the forced arguments.
 
 Plan keys: payload (path), cut (bytes to send; default all), chunk, rate
@@ -111,7 +111,8 @@ def main():
     command = os.environ.get("SSH_ORIGINAL_COMMAND", "")
     words = command.split(" ")
     peer = sys.argv[-1] if len(sys.argv) > 1 else ""
-    held = command in ("ping", "list-apps") or (len(words) == 2 and words[0] == "app-info" and SLUG.fullmatch(words[1]))
+    held = command in ("ping", "list-apps") or (len(words) == 2 and words[0] == "app-info" and SLUG.fullmatch(words[1])) \
+        or words[:2] == ["with-app-info", "rsync"]
     if held and SLUG.fullmatch(peer):
         hold = os.path.join(DIR, "holds", f"{peer}.{words[0]}")
         try:

@@ -188,8 +188,20 @@ def last_json(data: bytes) -> dict[str, Any] | None:
 def remote_error(stderr: bytes) -> str | None:
     """Return the peer-shell error code from its stderr, if it sent one."""
     obj = last_json(stderr)
-    if obj is not None and obj.get("ok") is False and isinstance(obj.get("error"), str):
-        return obj["error"][:40]
+    if obj is not None and obj.get("ok") is False:
+        return _error_code(obj.get("error"))
+    return None
+
+
+def _error_code(code: Any) -> str | None:
+    """Return ``code`` if it is shaped like a peer-shell error code (``no-such-app``), else None.
+
+    It ends up in messages on the user's terminal: a peer's escape
+    sequences or other text must not.
+    """
+    if isinstance(code, str) and 0 < len(code) <= 40 and code.isascii() \
+            and all(ch.islower() or ch == "-" for ch in code):
+        return code
     return None
 
 
@@ -404,8 +416,8 @@ async def app_info_answer(conn: PeerConnection, slug: str, answer: "asyncio.Futu
     line = await answer
     reply = _json_object(conn.peer.name, line, "with-app-info answer")
     if reply.get("ok") is False:
-        code = reply.get("error")
-        raise_remote(conn.peer.name, StreamResult(None, 0, line, code[:40] if isinstance(code, str) else None))
+        cls = _REMOTE_ERRORS.get(_error_code(reply.get("error")) or "refused", PeerRefused)
+        raise cls(f"{conn.peer.name} answered {cls.code} instead of app-info's answer")
     return _app_info_inventory(conn, slug, reply)
 
 

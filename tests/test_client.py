@@ -252,3 +252,18 @@ def test_a_malformed_rsync_answer_is_not_papered_over_by_app_info():
     with pytest.raises(ProtocolError):
         asyncio.run(go())
     assert conn.asked == []
+
+
+@pytest.mark.parametrize("error,code", [
+    ("no-such-app", "no-such-app"), ("refused", "refused"), ("some-new-code", "some-new-code"),
+    ("\x1b[2J\x1b[31mpwned", None), ("No-Such-App", None), ("a" * 41, None), ("", None), (7, None),
+    ("ok\nfake line", None), ("caf\u00e9", None),
+])
+def test_a_peer_error_code_reaches_our_messages_only_when_shaped_like_one(error, code):
+    from peerkit.client import remote_error
+
+    assert remote_error(json.dumps({"ok": False, "error": error}).encode() + b"\n") == code
+    line = json.dumps({"ok": False, "error": error}).encode()
+    with pytest.raises(PeerRefused if code in (None, "refused", "some-new-code") else NoSuchApp) as info:
+        _answer(Answers({}), line)
+    assert info.value.message.isprintable() and "\x1b" not in str(info.value)

@@ -267,3 +267,13 @@ def test_a_peer_error_code_reaches_our_messages_only_when_shaped_like_one(error,
     with pytest.raises(PeerRefused if code in (None, "refused", "some-new-code") else NoSuchApp) as info:
         _answer(Answers({}), line)
     assert info.value.message.isprintable() and "\x1b" not in str(info.value)
+
+
+def test_a_peers_name_and_version_are_fit_for_a_terminal():
+    from peerkit.client import ping
+
+    conn = Answers({"ping": {**GREETING, "peer": "al\x1b[2Jpha", "version": "1.0\x07" + "x" * 100}})
+    reply = asyncio.run(ping(conn))
+    assert reply["peer"] == "al?[2Jpha" and reply["version"] == "1.0?" + "x" * 60
+    assert asyncio.run(ping(Answers({"ping": {**GREETING, "peer": ["x"], "version": 3}})))["version"] is None
+    assert asyncio.run(ping(Answers({"ping": GREETING}))) == GREETING  # a plain answer goes through unchanged

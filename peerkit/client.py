@@ -389,10 +389,10 @@ def _greeted(conn: PeerConnection, reply: dict[str, Any], verb: str) -> dict[str
         conn.features = frozenset(f for f in features if isinstance(f, str) and len(f) < 32)
     # Its name and version are shown as they are (`peerkit ping`): printable
     # ASCII only, bounded, so a peer cannot write escape sequences to our terminal.
-    return {**reply, "peer": _shown(reply.get("peer")), "version": _shown(reply.get("version"))}
+    return {**reply, "peer": shown(reply.get("peer")), "version": shown(reply.get("version"))}
 
 
-def _shown(text: Any, limit: int = 64) -> str | None:
+def shown(text: Any, limit: int = 64) -> str | None:
     """Return a peer's ``text`` fit for a terminal: non-printable characters as '?', at most ``limit`` (None if no string)."""
     if not isinstance(text, str):
         return None

@@ -17,7 +17,7 @@ from .sshimport import asyncssh
 
 from . import grammar
 from .apps import ZSTD_SEND, archive_size, tar_command
-from .client import PeerConnection, StreamResult, last_json, open_peer, raise_remote, remote_error
+from .client import PeerConnection, StreamResult, last_json, open_peer, raise_remote, remote_error, shown
 from .compress import choose, zstd_binary
 from .config import Config
 from .errors import (BadSlug, NoSuchApp, PeerkitError, PeerRefused, PeerUnreachable,
@@ -166,14 +166,27 @@ async def push_app(cfg: Config, peer_name: str, app: str, *, pre_backup: bool = 
     async def work() -> None:
         answer = await _push(cfg, peer_name, app, pre_backup, keep_urls, incremental, compress, progress,
                              note, report)
-        report.files = int(answer.get("files") or 0)
-        report.rewritten = [r for r in answer.get("rewritten") or [] if isinstance(r, str)][:1000]
-        remote = answer.get("stages") or []
-        report.notes.append("peer: " + ", ".join(f"{s.get('name')} {s.get('outcome')}" for s in remote
-                                                  if isinstance(s, dict)))
+        report.files, report.rewritten, peer_note = from_peer(answer)
+        report.notes.append(peer_note)
 
     await run_transfer(cfg, "push", report, work(), "the peer discards a push it did not receive whole")
     return report
+
+
+def from_peer(answer: dict[str, Any]) -> tuple[int, list[str], str]:
+    """Return the files, rewritten paths and a note of the stages from a receiving peer's ``answer``.
+
+    All of it is shown to the user: printable ASCII only, bounded, so the
+    peer cannot write escape sequences to our terminal.
+    """
+    files = answer.get("files")
+    count = files if isinstance(files, int) and not isinstance(files, bool) and 0 <= files < 1 << 40 else 0
+    paths = answer.get("rewritten")
+    rewritten = [shown(r, 4096) for r in (paths if isinstance(paths, list) else [])[:1000] if isinstance(r, str)]
+    stages = answer.get("stages")
+    note = "peer: " + ", ".join(f"{shown(s.get('name'), 32)} {shown(s.get('outcome'), 32)}"
+                                for s in (stages if isinstance(stages, list) else [])[:64] if isinstance(s, dict))
+    return count, rewritten, note
 
 
 async def _push(cfg: Config, peer_name: str, app: str, pre_backup: bool, keep_urls: bool,

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from typing import BinaryIO
 from zlib import adler32
 
+from .atomicfile import write_all
 from .durable import BackgroundFlush
 from .errors import PeerkitError, TransferIncomplete, UnsafeArchive
 
@@ -450,7 +451,7 @@ class TarExtractor:
             state = self._state
             if state == _DATA:
                 take = min(self._remaining, n - pos)
-                _write_all(self._out_fd, mv[pos:pos + take])
+                write_all(self._out_fd, mv[pos:pos + take])
                 pos += take
                 self._remaining -= take
                 if not self._remaining:
@@ -473,7 +474,7 @@ class TarExtractor:
                 # at once (most small files), the same steps as through _DATA and _PAD
                 size, pad = self._remaining, self._pad
                 if self._state == _DATA and n - pos >= size + pad:
-                    _write_all(self._out_fd, mv[pos:pos + size])
+                    write_all(self._out_fd, mv[pos:pos + size])
                     pos += size + pad
                     self._remaining = self._pad = 0
                     self._close_file()
@@ -954,13 +955,6 @@ def process_umask() -> int | None:
     except (OSError, ValueError, IndexError):
         pass
     return None
-
-
-def _write_all(fd: int, data: memoryview) -> None:
-    """Write all of data to fd, looping over short writes."""
-    while data:
-        done = os.write(fd, data)
-        data = data[done:]
 
 
 def _close_quietly(fd: int) -> None:

@@ -21,6 +21,13 @@ from typing import Iterator
 from .errors import Busy
 
 
+def write_all(fd: int, data: bytes | memoryview) -> None:
+    """Write all of ``data`` to ``fd``, looping over short writes (pipes, sockets)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
 def fsync_dir(path: str | os.PathLike) -> None:
     """fsync a directory so a rename inside it survives a crash."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -46,9 +53,7 @@ def write_atomic(path: str | os.PathLike, data: bytes, *, mode: int = 0o600) -> 
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
+            write_all(fd, data)
             os.fchmod(fd, mode)
             if owner is not None and os.geteuid() == 0:
                 os.fchown(fd, *owner)

@@ -11,12 +11,12 @@ of imports (asyncio among them; before the split, asyncssh too: ~230 ms).
 from __future__ import annotations
 
 import contextlib
-import os
 import subprocess
 from pathlib import Path
 from typing import Any, Callable
 
 from .apps import app_path, stream_app
+from .atomicfile import write_all
 from .command import Request
 from .config import Config
 from .errors import HookFailed, NoSuchApp, PeerRefused, StreamFailed
@@ -125,11 +125,5 @@ def _rsync_after(announce: Callable[[dict | None], None], apps_dir: Path, slug: 
             while data := proc.stderr.read(1 << 16):
                 kept += data[:MAX_RSYNC_STDERR - len(kept)]
     with contextlib.suppress(OSError):  # a client that went away hears nothing more
-        _write_all(stderr_fd, bytes(kept))
+        write_all(stderr_fd, kept)
     return proc.returncode
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]

@@ -19,6 +19,7 @@ import time
 from typing import Any
 
 from . import __version__, audit, grammar
+from .atomicfile import write_all
 from .command import Request, parse_command
 from .errors import Busy, PeerkitError, PeerRefused
 from .rsyncargs import RSYNC_PATH
@@ -211,9 +212,10 @@ def _dispatch(cfg: Any, peer: Any, request: Request, fds: tuple[int, int, int], 
     elif request.verb == "rsync" and request.rsync is not None and request.rsync.sender:
         from .send import serve_rsync_send
         # with-app-info: the same answer as app-info, as stderr's first line.
-        announce = (lambda app: _reply(stderr_fd, _app_info(cfg, app))) if request.info else None
+        announce = None
         if request.info:
             event["with_app_info"] = True
+            announce = lambda app: _reply(stderr_fd, _app_info(cfg, app))  # noqa: E731
         serve_rsync_send(cfg, peer, request, fds, event, announce)
     elif request.verb == "rsync":
         from .receive import serve_rsync
@@ -252,9 +254,7 @@ def _is_executable(path: str) -> bool:
 
 def _reply(fd: int, obj: dict) -> int:
     data = (json.dumps(obj, separators=(", ", ": ")) + "\n").encode("utf-8")
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
+    write_all(fd, data)
     return len(data)
 
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Sequence, TypeVar
 
-from .sshimport import asyncssh  # before any asyncssh submodule: see sshimport
+from .sshimport import asyncssh, publickey_first  # before any asyncssh submodule: see sshimport
 from asyncssh.packet import PacketDecodeError
 
 from .config import Config
@@ -79,6 +79,9 @@ class _PinningClient(asyncssh.SSHClient):
         self.offered: asyncssh.SSHKey | None = None
         self.mismatch = False
         self.first_use = False
+
+    def connection_made(self, conn: asyncssh.SSHClientConnection) -> None:
+        publickey_first(conn)  # one request, signed: no "none", no question first
 
     def validate_host_public_key(self, host: str, addr: str, port: int, key: asyncssh.SSHKey) -> bool:
         # Called only for keys that are not the recorded key object.
@@ -224,6 +227,15 @@ class PeerConnection:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
+    def lost(self) -> bool:
+        """Whether the connection went away: a channel that then failed to open was not refused by the peer.
+
+        asyncssh fails every channel still opening when the connection is
+        lost, with the code an asyncssh server also gives a refused session
+        (OPEN_CONNECT_FAILED): only the connection's state tells them apart.
+        """
+        return self.conn.is_closed()
+
     async def stream(self, command: str, on_data: Callable[[bytes], None],
                      idle_timeout: float = IDLE_TIMEOUT, *, gate: Gate | None = None) -> StreamResult:
         """Run ``command``, handing stdout chunks to ``on_data``; return how it ended.
@@ -255,6 +267,8 @@ class PeerConnection:
                     sink.held.cancel()
             closed.result()
         except asyncssh.ChannelOpenError as exc:
+            if self.lost():
+                raise PeerUnreachable(f"{self.peer.name}: connection lost: {exc}") from None
             raise SessionRefused(f"{self.peer.name}: no session: {exc}") from None
         # PacketDecodeError (a ValueError, not an asyncssh.Error): a malformed packet off the wire.
         except (asyncssh.Error, OSError, PacketDecodeError) as exc:

@@ -144,6 +144,8 @@ async def _carry(conn: PeerConnection, sock: socket.socket, app: str, pull: bool
             err += data[:MAX_STDERR - len(err)]
         result = await proc.wait()
     except asyncssh.ChannelOpenError as exc:
+        if conn.lost():
+            raise TransferIncomplete(f"{conn.peer.name}: connection lost before rsync started: {exc}") from None
         # Refused a session (serve.max_sessions_per_peer, say): nothing ran yet.
         raise SessionRefused(f"{conn.peer.name}: no session for rsync: {exc}") from None
     except (asyncssh.Error, OSError) as exc:

@@ -14,6 +14,7 @@ directory we choose), never passed through.
 
 from __future__ import annotations
 
+import os
 import re
 from typing import NamedTuple
 
@@ -34,11 +35,22 @@ MAX_WORDS = 8
 RSYNC_PATH = "/usr/local/bin:/usr/bin:/bin"
 
 
+def find_tool(name: str, path: str = RSYNC_PATH) -> str | None:
+    """Return the first executable file ``name`` in ``path``'s directories (as shutil.which), or None.
+
+    Without shutil, whose import (bz2, lzma) peer-shell would pay on every
+    rsync and every ping.
+    """
+    for directory in path.split(":"):
+        candidate = f"{directory}/{name}"
+        if os.path.isfile(candidate) and os.access(candidate, os.X_OK):
+            return candidate
+    return None
+
+
 def rsync_binary() -> str | None:
     """Return the path of rsync, or None when it is not installed."""
-    import shutil  # not at the top: peer-shell's other verbs never need it
-
-    return shutil.which("rsync", path=RSYNC_PATH)
+    return find_tool("rsync")
 
 
 class RsyncRequest(NamedTuple):

@@ -9,11 +9,15 @@ ended (255, as ssh does, when there is none).  The peerkit process checks the
 command and runs it on its already-authenticated SSH connection, moving the
 bytes itself: no second login, and nothing here but a hand-over.
 
-Started once per transfer with ``-I -S``: it imports only os, socket and sys.
+Started once per transfer with ``-I -S``, and waited for: rsync opens no
+channel until this process has handed its command over.  So it imports only
+os, sys and ``_socket``, the C module under ``socket``: ``socket`` itself
+(with selectors, enum and functools) doubled the interpreter's start, from
+about 8 ms to 14 ms.
 """
 
+import _socket
 import os
-import socket
 import sys
 
 _NO_STATUS = 255
@@ -24,9 +28,11 @@ def main(argv: list) -> int:
     if len(argv) < 3 or not argv[1].isdigit():
         os.write(2, b"peerkit rsync relay: run by peerkit's rsync only\n")
         return _NO_STATUS
-    sock = socket.socket(fileno=int(argv[1]))
+    sock = _socket.socket(fileno=int(argv[1]))
     words = b"\0".join(os.fsencode(word) for word in argv[2:])
-    socket.send_fds(sock, [words], [0, 1])
+    # What socket.send_fds sends: both fds as C ints in one SCM_RIGHTS message.
+    fds = b"".join(fd.to_bytes(4, sys.byteorder) for fd in (0, 1))
+    sock.sendmsg([words], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, fds)])
     # rsync must see the end of its pipes when the peerkit process closes
     # them, not when this process exits: keep no copy.
     null = os.open(os.devnull, os.O_RDWR)

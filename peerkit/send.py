@@ -11,7 +11,7 @@ of imports (asyncio among them; before the split, asyncssh too: ~230 ms).
 from __future__ import annotations
 
 import contextlib
-import subprocess
+import os
 from pathlib import Path
 from typing import Any, Callable
 
@@ -93,37 +93,93 @@ def serve_rsync_send(cfg: Config, peer: Peer, request: Request, fds: tuple[int, 
             announce(None)  # as app-info answers for both: nothing tells them apart
         raise
     argv = rsync_req.server_argv(rsync, str(app_dir))
-    env = {"PATH": RSYNC_PATH, "LC_ALL": "C"}
     with _stream_hooks(cfg, peer, request.slug, app_dir, event):
         if announce is None:
-            status = subprocess.run(argv, env=env, close_fds=True, stdin=fds[0], stdout=fds[1],
-                                    stderr=fds[2]).returncode
+            status = _wait(_spawn(argv, fds))
         else:
-            status = _rsync_after(announce, cfg.apps_dir, request.slug,
-                                  subprocess.Popen(argv, env=env, close_fds=True, stdin=fds[0], stdout=fds[1],
-                                                   stderr=subprocess.PIPE), fds[2])
+            status = _rsync_after(announce, cfg.apps_dir, request.slug, argv, fds)
     if status != 0:
         raise StreamFailed(f"rsync exited {status}")
 
 
+# rsync's whole environment: nothing of ours (or sshd's) changes what it does.
+_RSYNC_ENV = {"PATH": RSYNC_PATH, "LC_ALL": "C"}
+
+
+def _spawn(argv: list[str], fds: tuple[int, int, int]) -> int:
+    """Start ``argv`` on ``fds`` as its stdin, stdout and stderr, with no other fd of ours; return its pid.
+
+    ``os.posix_spawn`` rather than ``subprocess``, whose import (with
+    ``signal``, ``threading`` and ``selectors``) took about 3 ms of every
+    pull's start before rsync ran.  What ``subprocess`` adds is done here
+    too: every other inheritable fd is closed in the child (``close_fds``),
+    so rsync holds nothing but its three pipes.  The signals ``subprocess``
+    resets to their default (SIGPIPE, SIGXFSZ, which Python ignores) rsync
+    sets to "ignore" itself at start.
+    """
+    import fcntl
+
+    copies = []
+    try:
+        sources = list(fds)
+        for target, fd in enumerate(sources):
+            # A source among 0-2 but not in its own place would be overwritten
+            # by an earlier dup2 in the child (the embedded server's fds can
+            # be anything): the child gets a copy above 2 instead.
+            if fd < 3 and fd != target:
+                sources[target] = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3)
+                copies.append(sources[target])
+        actions: list[tuple] = [(os.POSIX_SPAWN_DUP2, fd, target) for target, fd in enumerate(sources)]
+        actions += [(os.POSIX_SPAWN_CLOSE, fd) for fd in _inheritable_fds() if fd > 2]
+        return os.posix_spawn(argv[0], argv, _RSYNC_ENV, file_actions=actions)
+    finally:
+        for fd in copies:
+            os.close(fd)
+
+
+def _inheritable_fds() -> list[int]:
+    """Return the open fds an exec would pass on (none but 0-2 unless someone cleared a CLOEXEC)."""
+    found = []
+    for name in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):  # the listing's own fd, closed by now
+            if os.get_inheritable(int(name)):
+                found.append(int(name))
+    return found
+
+
+def _wait(pid: int) -> int:
+    """Wait for ``pid``; return its exit status as subprocess reports it (-N: killed by signal N)."""
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+
+
 def _rsync_after(announce: Callable[[dict | None], None], apps_dir: Path, slug: str,
-                 proc: subprocess.Popen, stderr_fd: int) -> int:
-    """Announce the app's entry while ``proc`` (rsync) runs, then pass on what it wrote to stderr; return its status.
+                 argv: list[str], fds: tuple[int, int, int]) -> int:
+    """Start rsync, announce the app's entry while it runs, then pass on what it wrote to stderr; return its status.
 
     rsync's stderr waits in a pipe until the answer is out: the client takes
     the first line of stderr as the answer, and rsync may write there at once.
     """
     from .apps import app_entry
 
-    assert proc.stderr is not None
+    read_end, write_end = os.pipe()  # both close-on-exec: rsync gets the write end as its fd 2 only
+    try:
+        pid = _spawn(argv, (fds[0], fds[1], write_end))
+    except BaseException:
+        os.close(read_end)
+        raise
+    finally:
+        os.close(write_end)  # ours: rsync's end of stderr is the only one left
     kept = bytearray()
-    with proc:
+    try:
         try:
             announce(app_entry(apps_dir, slug))
         finally:
             # Drained to the end (rsync must never block on a full pipe), kept up to a bound.
-            while data := proc.stderr.read(1 << 16):
+            while data := os.read(read_end, 1 << 16):
                 kept += data[:MAX_RSYNC_STDERR - len(kept)]
+    finally:
+        os.close(read_end)
+        status = _wait(pid)
     with contextlib.suppress(OSError):  # a client that went away hears nothing more
-        write_all(stderr_fd, kept)
-    return proc.returncode
+        write_all(fds[2], kept)
+    return status

@@ -22,7 +22,7 @@ from . import __version__, audit, grammar
 from .atomicfile import write_all
 from .command import Request, parse_command
 from .errors import Busy, PeerkitError, PeerRefused
-from .rsyncargs import RSYNC_PATH
+from .rsyncargs import find_tool
 
 USAGE = "usage: peer-shell --config PATH PEER-NAME  (run by sshd as a forced command)"
 # Codes the remote side may see; anything else is reported as "refused" or
@@ -240,16 +240,10 @@ def _app_info(cfg: Any, app: dict | None) -> dict[str, Any]:
 
 def _features() -> list[str]:
     """Return what this peer-shell can do beyond the seed's verbs."""
-    # Where the transfers look for them (compress.ZSTD_PATH is the same list),
-    # checked as shutil.which would, without importing shutil on every call.
-    found = [tool for tool in ("rsync", "zstd")
-             if any(_is_executable(f"{d}/{tool}") for d in RSYNC_PATH.split(":"))]
+    # Where the transfers look for them (compress.ZSTD_PATH is the same list).
+    found = [tool for tool in ("rsync", "zstd") if find_tool(tool) is not None]
     # with-app-info is a form of rsync's request: offered with rsync.
     return sorted(["app-info", "receive-app", "replace-key", *found, *(["with-app-info"] if "rsync" in found else [])])
-
-
-def _is_executable(path: str) -> bool:
-    return os.path.isfile(path) and os.access(path, os.X_OK)
 
 
 def _reply(fd: int, obj: dict) -> int:

@@ -277,3 +277,27 @@ def test_a_peers_name_and_version_are_fit_for_a_terminal():
     assert reply["peer"] == "al?[2Jpha" and reply["version"] == "1.0?" + "x" * 60
     assert asyncio.run(ping(Answers({"ping": {**GREETING, "peer": ["x"], "version": 3}})))["version"] is None
     assert asyncio.run(ping(Answers({"ping": GREETING}))) == GREETING  # a plain answer goes through unchanged
+
+
+@pytest.mark.parametrize("code,closed,expected", [
+    ("OPEN_ADMINISTRATIVELY_PROHIBITED", False, SessionRefused),  # sshd's MaxSessions
+    ("OPEN_CONNECT_FAILED", False, SessionRefused),  # an asyncssh server's "Session refused" (peerkit serve)
+    ("OPEN_CONNECT_FAILED", True, PeerUnreachable),  # asyncssh's answer for a channel the lost connection took
+    ("OPEN_ADMINISTRATIVELY_PROHIBITED", True, PeerUnreachable),
+])
+def test_a_channel_that_does_not_open_is_a_refusal_only_while_the_connection_lives(code, closed, expected):
+    import asyncssh
+
+    class Conn:
+        async def create_session(self, *_a, **_k):
+            raise asyncssh.ChannelOpenError(getattr(asyncssh, code), "no")
+
+        def is_closed(self) -> bool:
+            return closed
+
+    class Named:
+        name = "peer-x"
+
+    conn = PeerConnection(Conn(), Named())  # type: ignore[arg-type]
+    with pytest.raises(expected):
+        asyncio.run(conn.stream("ping", lambda _data: None))

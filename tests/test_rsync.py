@@ -16,7 +16,8 @@ import sys
 import pytest
 
 from peerkit import swap
-from peerkit.errors import PeerkitError, SessionRefused
+from peerkit.client import PeerConnection
+from peerkit.errors import PeerkitError, SessionRefused, TransferIncomplete
 from peerkit.rsync import (HOST, RELAY, LinkFarm, _relay_request, checked_command, client_argv, relay_command,
                            run_client)
 from peerkit.rsyncargs import rsync_binary
@@ -106,13 +107,25 @@ def test_relay_without_an_answer_exits_255_like_ssh():
     os.close(to_stdin)
 
 
+def test_relay_imports_no_more_than_it_needs():
+    # The relay's start is waited for by rsync and by the pull (no channel
+    # opens before it handed its command over): `socket` alone would add
+    # selectors, enum and functools, about 6 ms (README, Benchmarks).
+    probe = (f"import sys; sys.argv = [{str(RELAY)!r}]; "
+             "exec(compile(open(sys.argv[0]).read().replace('os._exit(main(sys.argv))', 'pass'), sys.argv[0], 'exec')); "
+             "print(sorted(m for m in ('socket', 'selectors', 'enum', 'subprocess') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-I", "-S", "-c", probe], capture_output=True, text=True, timeout=30,
+                         check=True).stdout
+    assert out.strip() == "[]"
+
+
 class _FakeConnection:
     """A connection whose channels are refused, or never open (``hang``)."""
 
     class _Peer:
         name = "peer-x"
 
-    def __init__(self, hang: bool = False) -> None:
+    def __init__(self, hang: bool = False, lost: bool = False) -> None:
         import asyncssh
 
         self.peer = self._Peer()
@@ -122,9 +135,15 @@ class _FakeConnection:
             self.opened.set()
             if hang:
                 await asyncio.Event().wait()
-            raise asyncssh.ChannelOpenError(asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED, "session limit")
+            if lost:  # what asyncssh raises for every channel still opening when the connection goes
+                raise asyncssh.ChannelOpenError(asyncssh.OPEN_CONNECT_FAILED, "SSH connection closed")
+            # The code an asyncssh server (peerkit serve) refuses a session with.
+            raise asyncssh.ChannelOpenError(asyncssh.OPEN_CONNECT_FAILED, "Session refused")
 
-        self.conn = type("Conn", (), {"create_process": staticmethod(create_process)})()
+        self.conn = type("Conn", (), {"create_process": staticmethod(create_process),
+                                      "is_closed": staticmethod(lambda: lost)})()
+
+    lost = PeerConnection.lost
 
 
 def _relays() -> list[str]:
@@ -146,6 +165,18 @@ def test_a_refused_channel_is_session_refused_and_leaves_no_rsync_or_relay(tmp_p
     with pytest.raises(SessionRefused):
         asyncio.run(run())
     assert conn.opened.is_set() and _relays() == before
+
+
+@needs_rsync
+def test_a_channel_lost_with_the_connection_is_transfer_incomplete_not_session_refused(tmp_path):
+    # A refusal makes a pull ask again after the ping; a lost connection must not.
+    conn = _FakeConnection(lost=True)
+
+    async def run() -> None:
+        await asyncio.wait_for(run_client(conn, "app", tmp_path / "staging", None), 30)
+
+    with pytest.raises(TransferIncomplete, match="connection lost"):
+        asyncio.run(run())
 
 
 @needs_rsync

@@ -11,13 +11,16 @@ app directory.
 
 from __future__ import annotations
 
+import os
+import shutil
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from peerkit.command import parse_command
 from peerkit.errors import BadSlug, PeerRefused
-from peerkit.rsyncargs import MAX_WORDS, RsyncRequest, parse_rsync
+from peerkit.rsyncargs import MAX_WORDS, RSYNC_PATH, RsyncRequest, find_tool, parse_rsync
 
 CAPS = "e.iLsfxCIvu"  # rsync 3.x: "-e." then its capability letters
 PULL = f"rsync --server --sender -lHogtpr{CAPS} --numeric-ids . app/"
@@ -382,3 +385,23 @@ def test_full_parser_on_arbitrary_text(text):
         return
     assert request.verb == "rsync" and request.rsync is not None
     _check(list(request.words))
+
+
+def test_find_tool_answers_as_shutil_which_does():
+    for name in ("rsync", "sh", "tar", "no-such-tool-here"):
+        assert find_tool(name) == shutil.which(name, path=RSYNC_PATH)
+
+
+def test_find_tool_takes_the_first_executable_regular_file(tmp_path):
+    first, second, third = (tmp_path / d for d in ("first", "second", "third"))
+    for d in (first, second, third):
+        d.mkdir()
+    (first / "tool").mkdir()  # a directory of that name is no tool
+    (second / "tool").write_text("#!/bin/sh\n")  # nor is a file nobody may run
+    os.chmod(second / "tool", 0o644)
+    (third / "tool").write_text("#!/bin/sh\n")
+    os.chmod(third / "tool", 0o755)
+    path = f"{first}:{second}:{third}"
+    assert find_tool("tool", path) == f"{third}/tool" == shutil.which("tool", path=path)
+    os.chmod(third / "tool", 0o644)
+    assert find_tool("tool", path) is None

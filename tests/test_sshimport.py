@@ -248,3 +248,46 @@ def test_options_in_loop_leaves_any_other_construct_alone():
         before = cls.__dict__.get("construct")
         assert sshimport.options_in_loop(cls) is False
         assert cls.__dict__.get("construct") is before
+
+
+def test_public_key_auth_sends_the_signed_request_first():
+    from asyncssh import auth
+
+    handler = auth._client_auth_handlers[b"publickey"]
+    assert handler is not auth._ClientPublicKeyAuth and issubclass(handler, auth._ClientPublicKeyAuth)
+    assert auth._client_auth_handlers[b"none"] is auth._ClientNullAuth  # everything else is asyncssh's own
+
+
+def test_signed_first_leaves_any_other_handler_alone():
+    import types
+
+    class Theirs:
+        async def _start(self) -> None:
+            pass
+
+    class Expected:
+        def _send_signed_request(self) -> None:
+            pass
+
+    for handler, expected in ((Theirs, Expected), (Expected, Theirs), (Theirs, Theirs)):
+        module = types.SimpleNamespace(_client_auth_handlers={b"publickey": handler}, _ClientPublicKeyAuth=expected)
+        assert sshimport.signed_first(module) is False
+        assert module._client_auth_handlers == {b"publickey": handler}
+    module = types.SimpleNamespace(_client_auth_handlers={b"publickey": Expected}, _ClientPublicKeyAuth=Expected)
+    assert sshimport.signed_first(module) is True
+    assert issubclass(module._client_auth_handlers[b"publickey"], Expected)
+
+
+def test_publickey_first_changes_only_asyncssh_s_initial_method_list():
+    import types
+
+    conn = types.SimpleNamespace(_auth_methods=[b"none"])
+    sshimport.publickey_first(conn)
+    assert conn._auth_methods == [b"publickey"]
+    for methods in ([b"publickey", b"password"], [], [b"none", b"publickey"]):
+        conn = types.SimpleNamespace(_auth_methods=list(methods))
+        sshimport.publickey_first(conn)
+        assert conn._auth_methods == methods
+    bare = types.SimpleNamespace()
+    sshimport.publickey_first(bare)
+    assert not hasattr(bare, "_auth_methods")

@@ -1059,6 +1059,41 @@ def test_an_incremental_pull_asks_app_info_with_its_rsync_when_the_peer_offered_
     assert entry["status"] == "ok" and "with-app-info" in entry["features"], entry
 
 
+def test_a_connection_authenticates_with_one_signed_request(world):
+    """peerkit's key goes out signed, as the only request: no "none" first, no question whether it would do.
+
+    OpenSSH's sshd answers every request that does not authenticate at
+    least 5-9 ms late (against user enumeration by timing): the two extra
+    requests asyncssh makes on its own cost each connection about 20 ms
+    (README, Benchmarks).  sshd logs each request's method (LogLevel DEBUG2).
+    """
+    a, b = world.a, world.b
+    offset = world.sshd.log_offset()
+    assert peerkit(b, "ping", a.name).returncode == 0
+    log = world.sshd.wait_for_log(offset, "Accepted publickey")
+    methods = re.findall(rf"userauth-request for user {a.user.name} service ssh-connection method (\S+)", log)
+    assert methods == ["publickey"], log[-3000:]
+    assert "Postponed publickey" not in log  # sshd's word for a key asked about, not yet signed
+
+
+def test_a_key_the_peer_no_longer_accepts_is_still_refused_in_one_request(world):
+    """Signed first and refused: the command fails as `refused`, and no other method is tried."""
+    a, b = world.a, world.b
+    stranger = b.user.home / "stranger-key"
+    if not stranger.exists():
+        b.user.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(stranger)], check=True)
+    write_config(world, "b", ssh={"identity": str(stranger)})
+    offset = world.sshd.log_offset()
+    try:
+        run = peerkit(b, "ping", a.name)
+    finally:
+        write_config(world, "b")
+    assert_failed(run, "refused")
+    log = world.sshd.log_since(offset)
+    methods = re.findall(rf"userauth-request for user {a.user.name} service ssh-connection method (\S+)", log)
+    assert methods == ["publickey"], log[-3000:]
+
+
 def test_every_channel_of_a_pull_asks_for_our_window_and_packet_size(world):
     """Each channel a pull opens (app-info or ping and list-apps, stream-app, rsync) carries WINDOW and MAX_PACKET.
 

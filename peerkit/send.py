@@ -11,6 +11,7 @@ of imports (asyncio among them; before the split, asyncssh too: ~230 ms).
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 from pathlib import Path
 from typing import Any, Callable
@@ -117,8 +118,6 @@ def _spawn(argv: list[str], fds: tuple[int, int, int]) -> int:
     resets to their default (SIGPIPE, SIGXFSZ, which Python ignores) rsync
     sets to "ignore" itself at start.
     """
-    import fcntl
-
     copies = []
     try:
         sources = list(fds)

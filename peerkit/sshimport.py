@@ -184,9 +184,9 @@ def signed_first(auth: Any) -> bool:
     server's "yes".  RFC 4252 section 7 lets a client send the signature
     straight away, and with one key of our own, already in memory, asking
     first only costs: a round trip, and at OpenSSH's sshd 5-9 ms more, the
-    delay it adds to every request that does not authenticate (against user
-    enumeration by timing; the question is such a request).  What the
-    server checks, and what we send, is the same signed request as before.
+    least time it takes over every authentication request (against user
+    enumeration by timing).  What the server checks, and what we send, is
+    the same signed request as before.
     Anything but the class this was written against
     (``_ClientPublicKeyAuth`` with ``_send_signed_request``) is left alone.
     """
@@ -212,7 +212,7 @@ def publickey_first(conn: Any) -> None:
 
     asyncssh's first request is the "none" method, to learn which methods
     the server takes: another round trip, and at OpenSSH's sshd another
-    5-9 ms delay (a request that does not authenticate).  peerkit offers
+    5-9 ms (its least time per authentication request).  peerkit offers
     only its key, so it asks with that first; a server that takes no keys
     answers with its methods, and the connection fails as before
     (PermissionDenied).  Left alone unless asyncssh's method list is still

@@ -124,13 +124,3 @@ def test_record_refuses_a_symlinked_log(tmp_path):
         audit.record(log, peer="beta")
     assert target.read_text() == ""
     assert os.path.islink(log)
-
-
-def test_utc_now_is_datetimes_isoformat_in_milliseconds(monkeypatch):
-    from datetime import datetime, timedelta, timezone
-
-    for ns in (0, 1_795_563_754_123_999_999, 1_700_000_000_000_000_001, 951_782_400_999_000_000):
-        monkeypatch.setattr(audit.time, "time_ns", lambda ns=ns: ns)
-        expected = (datetime.fromtimestamp(0, timezone.utc)
-                    + timedelta(microseconds=ns // 1000)).isoformat(timespec="milliseconds")
-        assert audit.utc_now() == expected

@@ -136,6 +136,23 @@ def test_with_app_info_answers_app_info_on_stderr_before_rsync_runs(instance, tm
     assert (event["verb"], event["slug"], event.get("with_app_info"), event["outcome"]) == ("rsync", "myapp", True, "ok")
 
 
+def test_an_rsync_pull_is_served_without_the_modules_it_does_not_need(instance, tmp_path):
+    """peer-shell's imports are waited for by every pull: none of these (README, Benchmarks)."""
+    remote = tmp_path / "remote-shell"
+    remote.write_text(f'#!/bin/sh\nshift\nSSH_ORIGINAL_COMMAND="with-app-info $*" SSH_CONNECTION="{SSH_CONNECTION}" '
+                      f'exec {sys.executable} -X importtime {PEER_SHELL} --config {instance.path} beta\n')
+    remote.chmod(0o755)
+    proc = subprocess.run(["rsync", "-rlptH", "--numeric-ids", "-e", str(remote), "peer:myapp/", f"{tmp_path}/copy/"],
+                          capture_output=True, timeout=60, env={"PATH": "/usr/bin:/bin", "HOME": os.environ["HOME"]})
+    assert proc.returncode == 0, proc.stderr
+    imported = {line.rsplit("|", 1)[1].strip() for line in proc.stderr.decode().splitlines()
+                if line.startswith("import time:")}
+    assert {"peerkit.shell", "peerkit.send", "json"} <= imported  # the probe sees the imports
+    # (datetime comes with sqlite3, which reads peers.db.)
+    unneeded = imported & {"subprocess", "shutil", "dataclasses", "socket", "yaml", "asyncio"}
+    assert not unneeded, unneeded
+
+
 def test_with_app_info_of_a_missing_or_hidden_app_answers_null_and_starts_nothing(tmp_path):
     from peerkit.permissions import change
 

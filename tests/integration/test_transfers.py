@@ -1062,10 +1062,10 @@ def test_an_incremental_pull_asks_app_info_with_its_rsync_when_the_peer_offered_
 def test_a_connection_authenticates_with_one_signed_request(world):
     """peerkit's key goes out signed, as the only request: no "none" first, no question whether it would do.
 
-    OpenSSH's sshd answers every request that does not authenticate at
-    least 5-9 ms late (against user enumeration by timing): the two extra
-    requests asyncssh makes on its own cost each connection about 20 ms
-    (README, Benchmarks).  sshd logs each request's method (LogLevel DEBUG2).
+    OpenSSH's sshd takes at least 5-9 ms over every authentication request
+    (against user enumeration by timing): the two extra requests asyncssh
+    makes on its own cost each connection about 20 ms (README, Benchmarks).
+    sshd logs each request's method (LogLevel DEBUG2).
     """
     a, b = world.a, world.b
     offset = world.sshd.log_offset()

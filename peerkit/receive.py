@@ -21,7 +21,7 @@ from .compress import ZstdFeeder
 from .config import Config
 from .errors import PeerkitError, PeerRefused, TransferIncomplete
 from .install import Receiver, Report, log_transfer, raise_if_disk_full
-from .rsyncargs import RSYNC_PATH, rsync_binary
+from .rsyncargs import RSYNC_ENV, rsync_binary
 from .state import Peer
 from .swap import farm_of
 
@@ -35,7 +35,6 @@ def serve_rsync(cfg: Config, peer: Peer, request: Request, fds: tuple[int, int, 
     rsync = rsync_binary()
     if rsync is None:
         raise PeerRefused("rsync is not installed here")
-    env = {"PATH": RSYNC_PATH, "LC_ALL": "C"}
     _require_push(peer, request.slug)
     report = Report(peer.name, request.slug)
     try:
@@ -50,7 +49,7 @@ def serve_rsync(cfg: Config, peer: Peer, request: Request, fds: tuple[int, int, 
                 try:
                     with farm_of(receiver.live, cfg.apps_dir, request.slug) as farm:
                         extra = (f"--link-dest={farm}",) if farm is not None else ()
-                        status = subprocess.run(rsync_req.server_argv(rsync, str(staging), extra), env=env,
+                        status = subprocess.run(rsync_req.server_argv(rsync, str(staging), extra), env=RSYNC_ENV,
                                                 close_fds=True, stdin=fds[0], stdout=fds[1],
                                                 stderr=fds[2]).returncode
                 except OSError as exc:  # the farm could not be made here

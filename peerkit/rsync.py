@@ -31,7 +31,7 @@ from .sshimport import asyncssh
 from .client import MAX_PACKET, MAX_STDERR, WINDOW, PeerConnection, StreamResult, raise_remote, remote_error
 from .command import WITH_APP_INFO
 from .errors import PeerkitError, ProtocolError, SessionRefused, TransferIncomplete
-from .rsyncargs import RSYNC_PATH, parse_rsync, rsync_binary
+from .rsyncargs import RSYNC_ENV, parse_rsync, rsync_binary
 from .swap import link_farm, new_staging, remove_tree
 
 RELAY = Path(__file__).with_name("rsyncrelay.py")
@@ -283,7 +283,7 @@ async def _run(conn: PeerConnection, app: str, pull: bool, make_argv: Callable[[
         proc = await asyncio.create_subprocess_exec(
             *make_argv(rsync, relay_command(theirs.fileno())), stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-            env={"PATH": RSYNC_PATH, "LC_ALL": "C"}, pass_fds=(theirs.fileno(),))
+            env=RSYNC_ENV, pass_fds=(theirs.fileno(),))
         theirs.close()
         carry = asyncio.ensure_future(_carry(conn, ours, app, pull, answer))
         local = asyncio.ensure_future(proc.communicate())

@@ -33,6 +33,8 @@ _ALLOWED_LONG_PUSH = {"--numeric-ids", "--delete", "--stats"}
 MAX_WORDS = 8
 # Where both sides look for rsync (never the caller's PATH).
 RSYNC_PATH = "/usr/local/bin:/usr/bin:/bin"
+# rsync's whole environment, both sides: nothing of ours (or sshd's) changes what it does.
+RSYNC_ENV = {"PATH": RSYNC_PATH, "LC_ALL": "C"}
 
 
 def find_tool(name: str, path: str = RSYNC_PATH) -> str | None:

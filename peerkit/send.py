@@ -21,7 +21,7 @@ from .atomicfile import write_all
 from .command import Request
 from .config import Config
 from .errors import HookFailed, NoSuchApp, PeerRefused, StreamFailed
-from .rsyncargs import RSYNC_PATH, rsync_binary
+from .rsyncargs import RSYNC_ENV, rsync_binary
 from .state import Peer
 
 
@@ -103,10 +103,6 @@ def serve_rsync_send(cfg: Config, peer: Peer, request: Request, fds: tuple[int, 
         raise StreamFailed(f"rsync exited {status}")
 
 
-# rsync's whole environment: nothing of ours (or sshd's) changes what it does.
-_RSYNC_ENV = {"PATH": RSYNC_PATH, "LC_ALL": "C"}
-
-
 def _spawn(argv: list[str], fds: tuple[int, int, int]) -> int:
     """Start ``argv`` on ``fds`` as its stdin, stdout and stderr, with no other fd of ours; return its pid.
 
@@ -130,7 +126,7 @@ def _spawn(argv: list[str], fds: tuple[int, int, int]) -> int:
                 copies.append(sources[target])
         actions: list[tuple] = [(os.POSIX_SPAWN_DUP2, fd, target) for target, fd in enumerate(sources)]
         actions += [(os.POSIX_SPAWN_CLOSE, fd) for fd in _inheritable_fds() if fd > 2]
-        return os.posix_spawn(argv[0], argv, _RSYNC_ENV, file_actions=actions)
+        return os.posix_spawn(argv[0], argv, RSYNC_ENV, file_actions=actions)
     finally:
         for fd in copies:
             os.close(fd)

@@ -981,6 +981,11 @@ def extract_fileobj(fileobj: BinaryIO, dest: str | os.PathLike, *, max_bytes: in
         raise
 
 
+def _shown(comps: tuple[bytes, ...], name: str) -> str:
+    """Return the escaped relative path of ``name`` under ``comps``, for an error detail."""
+    return _show(b"/".join(comps + (os.fsencode(name),)))
+
+
 def check_tree(root: str | os.PathLike) -> ExtractStats:
     """Apply the archive rules to a tree another tool (rsync) wrote into staging.
 
@@ -995,24 +1000,24 @@ def check_tree(root: str | os.PathLike) -> ExtractStats:
         with os.scandir(top) as it:
             for entry in it:
                 st = entry.stat(follow_symlinks=False)
-                name = os.fsencode(entry.name)
-                shown = _show(b"/".join(comps + (name,)))
+                mode = st.st_mode
                 # setuid/setgid programs from a peer would run with its chosen owner
-                if st.st_mode & (stat.S_ISUID | stat.S_ISGID):
-                    raise UnsafeArchive(f"setuid or setgid bit on {shown}")
-                if stat.S_ISDIR(st.st_mode):
+                if mode & (stat.S_ISUID | stat.S_ISGID):
+                    raise UnsafeArchive(f"setuid or setgid bit on {_shown(comps, entry.name)}")
+                if stat.S_ISREG(mode):  # most entries: nothing else to check
+                    stats.files += 1
+                    stats.content_bytes += st.st_size
+                elif stat.S_ISDIR(mode):
                     stats.dirs += 1
                     # deep nesting: the same bound as for archives
                     if len(comps) + 1 > MAX_DEPTH:
-                        raise UnsafeArchive(f"more than {MAX_DEPTH} levels at {shown}")
-                    stack.append((entry.path, comps + (name,)))
-                elif stat.S_ISREG(st.st_mode):
-                    stats.files += 1
-                    stats.content_bytes += st.st_size
-                elif stat.S_ISLNK(st.st_mode):
+                        raise UnsafeArchive(f"more than {MAX_DEPTH} levels at {_shown(comps, entry.name)}")
+                    stack.append((entry.path, comps + (os.fsencode(entry.name),)))
+                elif stat.S_ISLNK(mode):
                     stats.symlinks += 1
-                    _check_symlink_target(os.fsencode(os.readlink(entry.path)), comps, name)
+                    _check_symlink_target(os.fsencode(os.readlink(entry.path)), comps,
+                                          b"/".join(comps + (os.fsencode(entry.name),)))
                 else:
                     # devices, FIFOs and sockets have no place in an app copy
-                    raise UnsafeArchive(f"special file {shown}")
+                    raise UnsafeArchive(f"special file {_shown(comps, entry.name)}")
     return stats

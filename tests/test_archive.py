@@ -6,6 +6,7 @@ import io
 import os
 import random
 import shutil
+import socket
 import stat
 import subprocess
 import sys
@@ -1128,3 +1129,80 @@ def test_background_flush_stops_with_the_extractor(tmp_path: Path, end: str) -> 
             ex.feed(member("../escape", b"x"))
     assert _flush_threads() == before, "the flush thread outlived the extractor"
     ex.abort()  # harmless afterwards
+
+
+# -- check_tree: the rules applied to a tree rsync wrote -----------------------
+
+def _tree(root: Path) -> Path:
+    (root / "conf" / "deep").mkdir(parents=True)
+    (root / "VERSION").write_bytes(b"1\n")
+    (root / "conf" / "app.ini").write_bytes(b"x=1\n" * 10)
+    (root / "conf" / "deep" / "data.bin").write_bytes(bytes(100))
+    os.symlink("../VERSION", root / "conf" / "version")
+    os.symlink("deep/data.bin", root / "conf" / "data")
+    return root
+
+
+def test_check_tree_counts_what_a_clean_tree_holds(tmp_path):
+    stats = archive.check_tree(_tree(tmp_path / "t"))
+    assert (stats.files, stats.dirs, stats.symlinks) == (3, 2, 2)
+    assert stats.content_bytes == 2 + 40 + 100
+
+
+@pytest.mark.parametrize("bit", [stat.S_ISUID, stat.S_ISGID])
+def test_check_tree_refuses_setuid_and_setgid_anywhere(tmp_path, bit):
+    root = _tree(tmp_path / "t")
+    target = root / "conf" / "deep" / "data.bin"
+    os.chmod(target, 0o755 | bit)
+    if not os.stat(target).st_mode & bit:
+        pytest.skip("this filesystem or user cannot set the bit")
+    with pytest.raises(UnsafeArchive, match=r"setuid or setgid bit on 'conf/deep/data.bin'"):
+        archive.check_tree(root)
+
+
+def test_check_tree_refuses_a_setgid_directory(tmp_path):
+    root = _tree(tmp_path / "t")
+    os.chmod(root / "conf", 0o2755)
+    if not os.stat(root / "conf").st_mode & stat.S_ISGID:
+        pytest.skip("this filesystem or user cannot set the bit")
+    with pytest.raises(UnsafeArchive, match=r"setuid or setgid bit on 'conf'$"):
+        archive.check_tree(root)
+
+
+def test_check_tree_refuses_special_files(tmp_path):
+    root = _tree(tmp_path / "t")
+    os.mkfifo(root / "conf" / "pipe")
+    with pytest.raises(UnsafeArchive, match=r"special file 'conf/pipe'"):
+        archive.check_tree(root)
+    os.unlink(root / "conf" / "pipe")
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.bind(str(root / "sock"))
+        with pytest.raises(UnsafeArchive, match=r"special file 'sock'"):
+            archive.check_tree(root)
+
+
+@pytest.mark.parametrize("target", ["/etc", "../../outside", "deep/../../../x"])
+def test_check_tree_refuses_symlinks_that_leave_the_tree(tmp_path, target):
+    root = _tree(tmp_path / "t")
+    os.symlink(target, root / "conf" / "escape")
+    with pytest.raises(UnsafeArchive, match="conf/escape"):
+        archive.check_tree(root)
+
+
+def test_check_tree_allows_the_nesting_archives_may_have_and_no_more(tmp_path):
+    root = tmp_path / "t"
+    os.makedirs(root / "/".join(["d"] * archive.MAX_DEPTH))
+    assert archive.check_tree(root).dirs == archive.MAX_DEPTH
+    os.mkdir(root / "/".join(["d"] * (archive.MAX_DEPTH + 1)))
+    # The path in the message is cut short (200 characters), never the check.
+    with pytest.raises(UnsafeArchive, match=rf"more than {archive.MAX_DEPTH} levels at '(d/)+d/\.\.\.$"):
+        archive.check_tree(root)
+
+
+def test_check_tree_shows_undecodable_names_escaped(tmp_path):
+    root = tmp_path / "t"
+    root.mkdir()
+    os.mkfifo(os.fsencode(root) + b"/\xff\n")
+    # backslashreplace, then repr: a raw byte and a line break cannot reach a log line as such.
+    with pytest.raises(UnsafeArchive, match=r"special file '\\\\xff\\n'$"):
+        archive.check_tree(root)

@@ -8,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -138,3 +139,76 @@ def test_sigterm_stops_a_run_reports_what_was_not_run_and_removes_everything_it_
     table = (out / "results.md").read_text()
     for case in ("ping", "forced-command"):
         assert f"| {case} — not run: stopped by SIGTERM |" in table
+
+
+# -- the wait after a full-size run's clean-up ----------------------------------------------------
+
+def test_a_full_size_run_waits_out_the_settle_period_after_the_last_clean_up(tmp_path: Path) -> None:
+    marker = tmp_path / "cleaned"
+    assert run.settle_wait(1_000_000.0, marker, 300) == 0  # none recorded
+    marker.touch()
+    os.utime(marker, (1_000_000, 1_000_000))
+    assert run.settle_wait(1_000_100.0, marker, 300) == 200
+    assert run.settle_wait(1_000_300.0, marker, 300) == 0
+    assert run.settle_wait(1_005_000.0, marker, 300) == 0
+    # A clean-up "in the future" (the clock set back since) waits the period, not more.
+    assert run.settle_wait(999_000.0, marker, 300) == 300
+
+
+def test_the_clean_up_is_recorded_and_the_next_full_size_run_waits_stoppably(tmp_path: Path, monkeypatch,
+                                                                           own_signal_handlers, capsys) -> None:
+    monkeypatch.setattr(run, "CLEANED", tmp_path / "cleaned")
+    run.mark_cleaned()
+    assert 299 <= run.settle_wait(time.time()) <= 300
+    signals = run.StopSignals()
+    monkeypatch.setattr(run, "STOP", signals)
+    signals.install()
+    os.kill(os.getpid(), signal.SIGTERM)  # the wait checks for it every second at most
+    with pytest.raises(run.Stopped):
+        run.wait_after_cleanup()
+    out = capsys.readouterr().out
+    assert "waiting 300 s: the last full-size run deleted its data sets 0 s ago" in out and "--no-wait" in out
+
+
+def test_main_waits_before_making_anything_and_a_quick_run_or_no_wait_does_not(tmp_path: Path, monkeypatch,
+                                                                              own_signal_handlers, capsys) -> None:
+    problems = harness.missing_prerequisites()
+    if problems:
+        ci.unavailable("the benchmark's start", "; ".join(problems))
+    monkeypatch.setattr(run, "CLEANED", tmp_path / "cleaned")
+    run.mark_cleaned()
+    made: list[Path] = []
+
+    # Instead of making the accounts and servers (the SIGTERM test above runs
+    # the real ones): what matters here is whether main got that far.
+    def env_stopped_at_once(root: Path) -> None:
+        made.append(root)
+        shutil.rmtree(root)  # what Env.close() would remove
+        raise run.Stopped(signal.SIGTERM)
+
+    monkeypatch.setattr(run, "Env", env_stopped_at_once)
+    out = tmp_path / "out"
+    argv = ["--cases", "ping", "--runs", "1", "--out", str(out)]
+    signals = run.StopSignals()
+    monkeypatch.setattr(run, "STOP", signals)
+    signals.install()
+    os.kill(os.getpid(), signal.SIGTERM)  # noted now, raised at the wait's first check
+    assert run.main(argv) == 128 + signal.SIGTERM
+    assert "waiting 300 s" in capsys.readouterr().out and made == []  # stopped while waiting
+    assert "| ping — not run: stopped by SIGTERM |" in (out / "results.md").read_text()
+    for flag in ("--no-wait", "--quick"):
+        made.clear()
+        monkeypatch.setattr(run, "STOP", run.StopSignals())
+        assert run.main(argv + [flag]) == 128 + signal.SIGTERM
+        assert "waiting" not in capsys.readouterr().out and len(made) == 1, flag
+
+
+def test_the_clean_up_record_follows_no_symlink(tmp_path: Path, monkeypatch) -> None:
+    target = tmp_path / "someone-elses"
+    target.write_text("x")
+    os.utime(target, (1_000_000, 1_000_000))
+    monkeypatch.setattr(run, "CLEANED", tmp_path / "cleaned")
+    os.symlink(target, run.CLEANED)
+    run.mark_cleaned()  # refused quietly: the next run only misses its wait
+    assert target.stat().st_mtime == 1_000_000
+    assert run.settle_wait(time.time()) == 0  # the symlink's target, cleaned long ago

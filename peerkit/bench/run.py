@@ -332,6 +332,61 @@ def settle_disk(quiet: float = 1.0, limit: float = 60.0) -> float:
     return time.monotonic() - started
 
 
+# A full-size run deletes its data sets at the end: gigabytes, in hundreds of
+# thousands of files.  ext4 then avoids the freed inodes for minutes (see
+# Env.discard), and a full-size run started meanwhile measured that: pulls of
+# the 20,000 files took 1.4-6.3 s instead of about 1 s, on both sides, and
+# the ratios ranged from 0.93 to 3.72.  So a full-size run waits until this
+# long after the last one's clean-up, which it records in CLEANED.
+CLEANED = Path("/var/tmp/peerkit-bench.cleaned")
+SETTLE_AFTER_CLEANUP = 300.0
+
+
+def settle_wait(now: float, marker: Path | None = None, settle: float | None = None) -> float:
+    """Return how long a full-size run should still wait after the last one's clean-up (0: none recorded)."""
+    marker = CLEANED if marker is None else marker
+    settle = SETTLE_AFTER_CLEANUP if settle is None else settle
+    try:
+        cleaned = marker.stat().st_mtime
+    except OSError:
+        return 0.0
+    # A time in the future (a clock set back) waits the whole period, not more.
+    return min(settle, max(0.0, cleaned + settle - now))
+
+
+def wait_after_cleanup() -> float:
+    """Wait (saying so, and stoppable) until SETTLE_AFTER_CLEANUP after the last full-size run's clean-up."""
+    left = settle_wait(time.time())
+    if left <= 0:
+        return 0.0
+    print(f"waiting {left:.0f} s: the last full-size run deleted its data sets "
+          f"{SETTLE_AFTER_CLEANUP - left:.0f} s ago, and the filesystem is slow to create files for up to "
+          f"{SETTLE_AFTER_CLEANUP / 60:.0f} minutes after that (--no-wait starts at once)", flush=True)
+    started = time.monotonic()
+    deadline = started + left
+    shown = started
+    while (rest := deadline - time.monotonic()) > 0:
+        STOP.check()
+        time.sleep(min(rest, 1.0))
+        if time.monotonic() - shown >= 60 and rest > 1:
+            shown = time.monotonic()
+            print(f"   {deadline - shown:.0f} s to wait", flush=True)
+    return time.monotonic() - started
+
+
+def mark_cleaned() -> None:
+    """Record that a full-size run deleted its data sets now (see settle_wait)."""
+    # A run that cannot record it only costs the next run its wait.
+    with contextlib.suppress(OSError):
+        # /var/tmp is writable by everyone: never follow a symlink planted
+        # there to a file of root's (its time would be set instead).
+        fd = os.open(CLEANED, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        try:
+            os.utime(fd)  # now, also when it was there already
+        finally:
+            os.close(fd)
+
+
 # -- the environment ------------------------------------------------------------------
 
 class Env:
@@ -989,6 +1044,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, from: {', '.join(CASES)}")
     ap.add_argument("--runs", type=int, default=None, help="runs per side (default 5, --quick 3)")
     ap.add_argument("--out", default="bench-results", help="output directory (default bench-results/)")
+    ap.add_argument("--no-wait", action="store_true",
+                    help=f"start at once, even within {SETTLE_AFTER_CLEANUP / 60:.0f} minutes of the last "
+                         "full-size run's clean-up (its results then suffer)")
     args = ap.parse_args(argv)
     cases = [c.strip() for c in args.cases.split(",") if c.strip()]
     unknown = [c for c in cases if c not in RUNNERS]
@@ -1014,6 +1072,8 @@ def main(argv: list[str] | None = None) -> int:
     done = 0  # cases that have their rows
     try:
         STOP.install()
+        if not args.quick and not args.no_wait:
+            wait_after_cleanup()
         env = Env(harness.make_root("peerkit-bench-"))
         print(f"working in {env.root} (removed at the end, or on SIGTERM)", flush=True)
         for case in cases:
@@ -1035,6 +1095,8 @@ def main(argv: list[str] | None = None) -> int:
         STOP.cleaning = True
         if env is not None:
             env.close()
+            if not args.quick:
+                mark_cleaned()
     stopped = stopped or STOP.stopped()  # one that came after the last check
     rows += [Row(case, case, "", "", note=f"not run: {stopped}") for case in cases[done:]]
     md = markdown(rows, info, args.quick, runs)

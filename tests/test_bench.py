@@ -212,3 +212,10 @@ def test_the_clean_up_record_follows_no_symlink(tmp_path: Path, monkeypatch) -> 
     run.mark_cleaned()  # refused quietly: the next run only misses its wait
     assert target.stat().st_mtime == 1_000_000
     assert run.settle_wait(time.time()) == 0  # the symlink's target, cleaned long ago
+
+
+def test_help_shows_examples_and_the_wait() -> None:
+    proc = subprocess.run([sys.executable, "-m", "peerkit.bench", "--help"], cwd=REPO, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "bin/peerkit-bench --quick" in proc.stdout and "--no-wait" in proc.stdout

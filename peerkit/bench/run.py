@@ -2,7 +2,7 @@
 
 Each case yields a row: medians, min and max of both sides (alternated
 ABAB..., the first side swapping every iteration), the ratio of medians and
-whether the issue's target is met.  The pull cases also run peerkit's side
+whether its target is met.  The pull cases also run peerkit's side
 through a `peerkit agent` in the same rotation (ABC, BCA, CAB, ...) and
 yield a second row for it, against the same baseline runs.  Results go to
 ``OUT/results.json`` and ``OUT/results.md``; the table is printed at the end.
@@ -1039,7 +1039,11 @@ STOP = StopSignals()  # installed by main(); scripts that import this module kee
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="peerkit-bench", description=__doc__)
+    ap = argparse.ArgumentParser(
+        prog="peerkit-bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples (as root, from a checkout):\n"
+               "  bin/peerkit-bench --quick                   # scaled-down data sets\n"
+               "  bin/peerkit-bench --cases incr-vs-full,incr-vs-rsync --runs 7 --out bench-results/")
     ap.add_argument("--quick", action="store_true", help="scaled-down data sets (said so in the table title)")
     ap.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, from: {', '.join(CASES)}")
     ap.add_argument("--runs", type=int, default=None, help="runs per side (default 5, --quick 3)")

@@ -163,7 +163,7 @@ def test_the_clean_up_is_recorded_and_the_next_full_size_run_waits_stoppably(tmp
     signals = run.StopSignals()
     monkeypatch.setattr(run, "STOP", signals)
     signals.install()
-    os.kill(os.getpid(), signal.SIGTERM)  # the wait checks for it every second at most
+    os.kill(os.getpid(), signal.SIGTERM)  # noted now, raised at the wait's first check
     with pytest.raises(run.Stopped):
         run.wait_after_cleanup()
     out = capsys.readouterr().out
@@ -188,7 +188,7 @@ def test_main_waits_before_making_anything_and_a_quick_run_or_no_wait_does_not(t
 
     monkeypatch.setattr(run, "Env", env_stopped_at_once)
     out = tmp_path / "out"
-    argv = ["--cases", "ping", "--runs", "1", "--out", str(out)]
+    argv = ["--cases", "ping,full-small", "--runs", "1", "--out", str(out)]
     signals = run.StopSignals()
     monkeypatch.setattr(run, "STOP", signals)
     signals.install()
@@ -196,11 +196,13 @@ def test_main_waits_before_making_anything_and_a_quick_run_or_no_wait_does_not(t
     assert run.main(argv) == 128 + signal.SIGTERM
     assert "waiting 300 s" in capsys.readouterr().out and made == []  # stopped while waiting
     assert "| ping — not run: stopped by SIGTERM |" in (out / "results.md").read_text()
-    for flag in ("--no-wait", "--quick"):
+    # --no-wait, --quick and cases that make no data sets go straight on.
+    for extra in (["--no-wait"], ["--quick"], ["--cases", "ping,forced-command,fanout"]):
         made.clear()
         monkeypatch.setattr(run, "STOP", run.StopSignals())
-        assert run.main(argv + [flag]) == 128 + signal.SIGTERM
-        assert "waiting" not in capsys.readouterr().out and len(made) == 1, flag
+        assert run.main(argv + extra) == 128 + signal.SIGTERM
+        assert "waiting" not in capsys.readouterr().out and len(made) == 1, extra
+    assert run.DATA_CASES < set(run.CASES)
 
 
 def test_the_clean_up_record_follows_no_symlink(tmp_path: Path, monkeypatch) -> None:

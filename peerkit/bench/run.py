@@ -41,6 +41,8 @@ GCM = "aes128-gcm@openssh.com"
 SEED = 20240601
 CASES = ["full-large", "full-small", "incr-vs-full", "incr-vs-rsync", "memory", "ping",
          "forced-command", "fanout", "compress"]
+# The cases that write (and at the end delete) app data sets: see settle_wait.
+DATA_CASES = frozenset({"full-large", "full-small", "incr-vs-full", "incr-vs-rsync", "memory", "compress"})
 
 
 @dataclass
@@ -332,12 +334,13 @@ def settle_disk(quiet: float = 1.0, limit: float = 60.0) -> float:
     return time.monotonic() - started
 
 
-# A full-size run deletes its data sets at the end: gigabytes, in hundreds of
-# thousands of files.  ext4 then avoids the freed inodes for minutes (see
-# Env.discard), and a full-size run started meanwhile measured that: pulls of
-# the 20,000 files took 1.4-6.3 s instead of about 1 s, on both sides, and
-# the ratios ranged from 0.93 to 3.72.  So a full-size run waits until this
-# long after the last one's clean-up, which it records in CLEANED.
+# A full-size run of the DATA_CASES deletes its data sets at the end:
+# gigabytes, in hundreds of thousands of files.  ext4 then avoids the freed
+# inodes for minutes (see Env.discard), and a full-size run started meanwhile
+# measured that: pulls of the 20,000 files took 1.4-6.3 s instead of about
+# 1 s, on both sides, and the ratios ranged from 0.93 to 3.72.  So such a run
+# records its clean-up in CLEANED, and the next one waits until this long
+# after it.
 CLEANED = Path("/var/tmp/peerkit-bench.cleaned")
 SETTLE_AFTER_CLEANUP = 300.0
 
@@ -1074,9 +1077,11 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[Row] = []
     env: Env | None = None
     done = 0  # cases that have their rows
+    # Only a full-size run that makes (and deletes) data sets waits, and is waited for.
+    heavy = not args.quick and bool(DATA_CASES.intersection(cases))
     try:
         STOP.install()
-        if not args.quick and not args.no_wait:
+        if heavy and not args.no_wait:
             wait_after_cleanup()
         env = Env(harness.make_root("peerkit-bench-"))
         print(f"working in {env.root} (removed at the end, or on SIGTERM)", flush=True)
@@ -1099,7 +1104,7 @@ def main(argv: list[str] | None = None) -> int:
         STOP.cleaning = True
         if env is not None:
             env.close()
-            if not args.quick:
+            if heavy:
                 mark_cleaned()
     stopped = stopped or STOP.stopped()  # one that came after the last check
     rows += [Row(case, case, "", "", note=f"not run: {stopped}") for case in cases[done:]]

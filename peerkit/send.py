@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 from typing import Any, Callable
 
-from .apps import app_path, stream_app
+from .apps import app_entry, app_path, stream_app
 from .atomicfile import write_all
 from .command import Request
 from .config import Config
@@ -154,8 +154,6 @@ def _rsync_after(announce: Callable[[dict | None], None], apps_dir: Path, slug: 
     rsync's stderr waits in a pipe until the answer is out: the client takes
     the first line of stderr as the answer, and rsync may write there at once.
     """
-    from .apps import app_entry
-
     read_end, write_end = os.pipe()  # both close-on-exec: rsync gets the write end as its fd 2 only
     try:
         pid = _spawn(argv, (fds[0], fds[1], write_end))

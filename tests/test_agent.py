@@ -354,6 +354,17 @@ def test_a_socket_left_by_a_dead_agent_is_replaced(tmp_path):
         assert via(running, "--version").returncode == 0 and len(running.wait_workers(1)) == 1
 
 
+def test_reading_a_running_agents_log_never_overwrites_it(tmp_path):
+    # The helper's log shares its open file with the process writing to it;
+    # reading it must not move that file's offset, or the next line lands on
+    # top of the first ones (a CI run once saw exactly that).
+    writer = [sys.executable, "-c", "import sys\nfor i in range(4000): print(f'line {i}', file=sys.stderr, flush=True)"]
+    with AgentProcess(tmp_path / "unused.sock", argv=writer, wait=False) as running:
+        while running.proc.poll() is None:
+            running.log()
+        assert running.log() == "".join(f"line {i}\n" for i in range(4000))
+
+
 def test_connections_that_send_nothing_are_dropped_and_a_full_agent_makes_callers_wait(tmp_path):
     script = agent_with("module.REQUEST_TIMEOUT = 1.0\nmodule.MAX_CALLERS = 2")
     with AgentProcess(private_dir(tmp_path / "run") / "agent.sock", argv=script) as small:

@@ -37,8 +37,18 @@ class AgentProcess:
             time.sleep(0.02)
 
     def log(self) -> str:
-        self.log_file.seek(0)
-        return self.log_file.read().decode("utf-8", "replace")
+        # pread, never seek-and-read: the agent writes through the same open
+        # file, so moving its offset back to 0 while it runs would make its
+        # next line overwrite the start of the log.
+        fd = self.log_file.fileno()
+        size = os.fstat(fd).st_size
+        data = b""
+        while len(data) < size:
+            chunk = os.pread(fd, size - len(data), len(data))
+            if not chunk:
+                break
+            data += chunk
+        return data.decode("utf-8", "replace")
 
     def workers(self) -> list[tuple[int, str, str]]:
         """Every finished worker in the agent's log: (pid, command, 'exit N' or 'signal N')."""

@@ -146,6 +146,19 @@ def serve(config_path: str, peer: str, original: str | None, env: dict[str, str]
         # (splice() into a socket whose reader closed says ECONNRESET.)
         event.update(outcome="disconnected")
         status = 1
+    except Deferred:
+        raise  # `peerkit serve` asks again from a thread: nothing happened yet
+    except Exception as exc:
+        # Anything unforeseen (a bug, a raw OS or database error).  Python's
+        # default would print a traceback on stderr, which is the SSH
+        # channel: our paths and code, shown to the peer, and no audit line.
+        # The peer hears only the code; the audit log gets what and where.
+        code = "failed" if "verb" in event else "refused"
+        event.update(outcome=code, reason=audit.clean(_internal(exc)), bytes=event.get("bytes", 0))
+        if "verb" not in event:
+            event["command"] = audit.clean(original)
+        _say(stderr_fd, {"ok": False, "error": code})
+        status = 1
     event["duration_ms"] = round((time.monotonic() - started) * 1000, 1)
     if cfg is not None:
         try:
@@ -156,6 +169,15 @@ def serve(config_path: str, peer: str, original: str | None, env: dict[str, str]
                 os.write(stderr_fd, f"peer-shell: cannot write audit log: {exc}\n".encode())
             status = status or 1
     return status
+
+
+def _internal(exc: BaseException) -> str:
+    """Describe an unforeseen error for the audit log: its type, message and where it was raised."""
+    import traceback  # only on this path: peer-shell's start stays lean
+
+    frames = traceback.extract_tb(exc.__traceback__)
+    where = f" at {os.path.basename(frames[-1].filename)}:{frames[-1].lineno}" if frames else ""
+    return f"internal error: {type(exc).__name__}: {exc}{where}"
 
 
 def _require_paired(cfg: Any, peer: str, cache: Cache | None = None) -> Any:
@@ -170,12 +192,15 @@ def _require_paired(cfg: Any, peer: str, cache: Cache | None = None) -> Any:
         else:
             with PeerStore(cfg.db_path, readonly=True) as store:
                 row = store.get(peer)
-    except Busy:
+    except Busy as exc:
         if cache is not None and cache.in_loop:
             raise Deferred from None  # asked again from a worker thread, which may wait
-        row = None
-    except StateError:
-        row = None
+        # Fail closed: a peer we cannot look up gets nothing.  The remote side
+        # hears "refused" as for an unknown peer; the operator's audit log
+        # says why, so a busy or broken peers.db is not mistaken for an unpairing.
+        raise PeerRefused(f"peer {peer}: cannot check the pairing, peers.db is busy ({exc.detail})") from None
+    except StateError as exc:
+        raise PeerRefused(f"peer {peer}: cannot check the pairing ({exc.detail})") from None
     if row is None:
         raise PeerRefused(f"peer {peer} is not paired")
     # sshd enforces expiry-time= too; this also covers servers that do not.

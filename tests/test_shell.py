@@ -257,6 +257,60 @@ def test_key_line_without_row_is_refused(tmp_path):
     assert json.loads(proc.stderr) == {"ok": False, "error": "refused"}
 
 
+def test_a_peers_db_it_cannot_read_refuses_the_peer_and_the_audit_log_says_why(tmp_path):
+    import sqlite3
+
+    busy = make_instance(tmp_path / "busy", "alpha")
+    broken = make_instance(tmp_path / "broken", "alpha")
+    beta = make_instance(tmp_path / "beta", "beta")
+    for cfg in (busy, broken):
+        pairing.pair(cfg, pairing.our_token(beta)[0])
+    broken.db_path.write_bytes(b"not a database\n" * 512)
+    writer = sqlite3.connect(busy.db_path, isolation_level=None)
+    writer.execute("BEGIN EXCLUSIVE")
+    try:
+        # peer-shell waits up to 10 s for a writer: started first, checked last.
+        waiting = subprocess.Popen([str(PEER_SHELL), "--config", str(busy.path), "beta"],
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                   env={"PATH": "/usr/bin:/bin", "SSH_CONNECTION": SSH_CONNECTION,
+                                        "SSH_ORIGINAL_COMMAND": "ping"})
+        answers = [peer_shell(broken, "ping")]
+        out, err = waiting.communicate(timeout=60)
+        answers.append(subprocess.CompletedProcess(waiting.args, waiting.returncode, out, err))
+    finally:
+        writer.close()
+    # Fail closed, and the peer hears what an unknown peer hears: nothing about our state.
+    for proc in answers:
+        assert (proc.returncode, proc.stdout, proc.stderr) == (42, b"", b'{"ok": false, "error": "refused"}\n')
+    # The operator reads why: not an unpairing, but a database that could not be read.
+    (broken_event,) = events(broken)
+    assert broken_event["outcome"] == "refused"
+    assert "cannot check the pairing" in broken_event["reason"] and "not a database" in broken_event["reason"]
+    (busy_event,) = events(busy)
+    assert busy_event["outcome"] == "refused" and "peers.db is busy" in busy_event["reason"]
+
+
+@pytest.mark.parametrize("broken, outcome", [("_greeting", "failed"), ("parse_command", "refused")])
+def test_an_unforeseen_error_is_audited_and_the_peer_hears_only_its_code(pair_here, broken, outcome):
+    # A bug, injected: before the request is accepted (parse_command) and while serving it (_greeting).
+    script = ("import peerkit.shell as shell\n"
+              "def broken(*args):\n"
+              "    raise RuntimeError('boom in /srv/secret/path')\n"
+              f"shell.{broken} = broken\n"
+              "shell.run()\n")
+    proc = subprocess.run([sys.executable, "-c", script, "--config", str(pair_here.path), "beta"],
+                          capture_output=True, timeout=60,
+                          env={"PATH": "/usr/bin:/bin", "HOME": os.environ["HOME"], "SSH_CONNECTION": SSH_CONNECTION,
+                               "SSH_ORIGINAL_COMMAND": "ping"})
+    # No traceback on the channel: it would show the peer our paths and code.
+    assert (proc.returncode, proc.stdout) == (1, b"")
+    assert proc.stderr == f'{{"ok": false, "error": "{outcome}"}}\n'.encode()
+    (event,) = events(pair_here)
+    assert event["outcome"] == outcome
+    assert event["reason"] == "internal error: RuntimeError: boom in /srv/secret/path at <string>:3"
+    assert ("command" in event) == (outcome == "refused")
+
+
 @pytest.mark.parametrize("argv", [
     [],
     ["beta"],

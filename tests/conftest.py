@@ -20,6 +20,15 @@ def pytest_configure(config: pytest.Config) -> None:
     # handler of ours is not inherited, so commands start as a terminal's would.
     if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
         signal.signal(signal.SIGINT, signal.default_int_handler)
+    # A run stopped with SIGTERM (kill, timeout(1), a CI job cancelled) would
+    # end at once and leave the session's throwaway users, sshds and mounts
+    # behind.  As a KeyboardInterrupt, pytest stops and tears them down.
+    signal.signal(signal.SIGTERM, _stop_like_ctrl_c)
+
+
+def _stop_like_ctrl_c(signum: int, _frame: object) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the clean-up short
+    raise KeyboardInterrupt(f"stopped by signal {signum}")
 
 
 @pytest.fixture(autouse=True)

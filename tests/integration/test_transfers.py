@@ -1209,7 +1209,7 @@ def test_post_stream_runs_when_the_ssh_client_is_killed(world):
 
 def test_post_stream_runs_when_the_puller_is_killed(world):
     a, b = world.a, world.b
-    assert (a.apps_dir / "slowapp").is_dir()
+    _slow_app(world)  # its own, not the one the test before left
     _stream_hooks(world)
     before = len(stream_lines(world, "slowapp"))
     mark = len(a.audit_events())

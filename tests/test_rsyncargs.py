@@ -40,16 +40,16 @@ ACCEPTED = [
     (PULL, True, f"-lHogtpr{CAPS}", ("--numeric-ids",)),
     (f"rsync --server --sender -lHtpr{CAPS} --numeric-ids . app/", True, f"-lHtpr{CAPS}", ("--numeric-ids",)),
     # the exact order rsync 3.x writes the letters in
-    (f"rsync --server --sender -lHogtpre.iLsfxCIvu --numeric-ids . app/", True,
+    ("rsync --server --sender -lHogtpre.iLsfxCIvu --numeric-ids . app/", True,
      "-lHogtpre.iLsfxCIvu", ("--numeric-ids",)),
-    (f"rsync --server --sender -lHtpre.iLsfxCIvu --numeric-ids . app/", True,
+    ("rsync --server --sender -lHtpre.iLsfxCIvu --numeric-ids . app/", True,
      "-lHtpre.iLsfxCIvu", ("--numeric-ids",)),
     # without -H, without -og
-    (f"rsync --server --sender -logtpre.iLsfxCIvu --numeric-ids . app/", True,
+    ("rsync --server --sender -logtpre.iLsfxCIvu --numeric-ids . app/", True,
      "-logtpre.iLsfxCIvu", ("--numeric-ids",)),
-    (f"rsync --server --sender -ltpre.iLsfxCIvu --numeric-ids . app/", True, "-ltpre.iLsfxCIvu",
+    ("rsync --server --sender -ltpre.iLsfxCIvu --numeric-ids . app/", True, "-ltpre.iLsfxCIvu",
      ("--numeric-ids",)),
-    (f"rsync --server --sender -ltpre.iLsfxCIvu . app/", True, "-ltpre.iLsfxCIvu", ()),
+    ("rsync --server --sender -ltpre.iLsfxCIvu . app/", True, "-ltpre.iLsfxCIvu", ()),
     # push
     (PUSH, False, f"-lHtpr{CAPS}", ("--delete", "--stats", "--numeric-ids")),
     ("rsync --server -lHtpre.iLsfxCIvu --delete --stats --numeric-ids . app/", False,

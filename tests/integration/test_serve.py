@@ -206,7 +206,6 @@ def test_env_requests_are_refused_and_never_reach_peer_shell(world, configure):
       dump is the same with and without the variables.
     """
     import asyncssh
-    import paramiko
 
     dump = world.mark("env-dump")
     configure(hooks={"pre_stream": ["/bin/sh", "-c", f"env | sort > {dump}"]}, restart=False)

@@ -619,8 +619,6 @@ def test_control_key_without_restrict_gets_what_peerkit_keys_are_refused(control
     So this sshd is as permissive as its config says, and the refusals above
     come from the `restrict` in peerkit's key lines.
     """
-    import paramiko
-
     user, key = control_login
     client = paramiko_connect(user.name, key, sshd)
     try:

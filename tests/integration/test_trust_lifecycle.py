@@ -447,7 +447,7 @@ def _codes(a: harness.PeerkitInstance, b: harness.PeerkitInstance) -> tuple[str,
 
 
 def test_rotate_key(world):
-    a, b, c = world.a, world.b, world.c
+    a, b = world.a, world.b
     code_before, code_b = _codes(a, b)
     assert code_before == code_b
 

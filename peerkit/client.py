@@ -40,6 +40,10 @@ MAX_STDERR = 64 << 10
 KNOWN_FEATURES = frozenset({"app-info", "receive-app", "replace-key", "rsync", "with-app-info", "zstd"})
 # A peer that keeps the connection open but stops sending is cut off.
 IDLE_TIMEOUT = 120.0
+# `ping --all` connects to this many peers at a time.  Unbounded, a few
+# thousand peers would run out of file descriptors (1,024 by default), and
+# every peer past that limit would be reported unreachable.
+PING_ALL_AT_ONCE = 64
 T = TypeVar("T")
 # Remote error codes we map to local errors; anything else is "refused".
 _REMOTE_ERRORS: dict[str, type[PeerkitError]] = {
@@ -591,7 +595,7 @@ async def _ping_once(cfg: Config, store: PeerStore, peer: Peer, notes: Callable[
 
 
 async def ping_all(cfg: Config, notes: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
-    """Ping every peer concurrently; return one result per peer (never raises for one peer)."""
+    """Ping every peer, PING_ALL_AT_ONCE at a time; return one result per peer (never raises for one peer)."""
     # One database connection, one read of our key and one transaction for
     # all of them: per peer, they cost the event loop more than the peer's
     # own round trip.  (Interrupted, it records no status at all.)
@@ -602,10 +606,12 @@ async def ping_all(cfg: Config, notes: Callable[[str], None] | None = None) -> l
         except IdentityError:
             client_key = None  # each peer's connect reports it, as for a single ping
         outcomes: list[tuple[str, str, bool, list[str] | None]] = []
+        at_once = asyncio.Semaphore(PING_ALL_AT_ONCE)
 
         async def one(peer: Peer) -> dict[str, Any]:
             try:
-                result, features = await _ping_once(cfg, store, peer, notes, client_key)
+                async with at_once:
+                    result, features = await _ping_once(cfg, store, peer, notes, client_key)
             except PeerkitError as exc:
                 outcomes.append((peer.name, status_for(exc), False, None))
                 return {"ok": False, "peer": peer.name, "error": exc.code, "message": exc.message}

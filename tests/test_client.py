@@ -301,3 +301,52 @@ def test_a_channel_that_does_not_open_is_a_refusal_only_while_the_connection_liv
     conn = PeerConnection(Conn(), Named())  # type: ignore[arg-type]
     with pytest.raises(expected):
         asyncio.run(conn.stream("ping", lambda _data: None))
+
+
+def test_ping_all_connects_to_a_bounded_number_of_peers_at_a_time(tmp_path, monkeypatch):
+    """Eight peers behind one real TCP listener that accepts and never says a word (a tarpit).
+
+    Each connection waits out the 1 s login timeout there, so with a bound
+    of three they arrive in waves: three, then three more a second later,
+    then two.  Unbounded, all eight arrived at once.
+    """
+    import socket
+    import threading
+    import time
+
+    from peerkit import client, pairing
+    from tests.instances import make_instance
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    accepted: list[float] = []
+
+    def hold(conn: socket.socket) -> None:
+        with conn:
+            while conn.recv(4096):  # until the client gives up and closes
+                pass
+
+    def accept() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            accepted.append(time.monotonic())
+            threading.Thread(target=hold, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    alpha = make_instance(tmp_path / "alpha", "alpha", connect_timeout=1)
+    for i in range(8):
+        peer = make_instance(tmp_path / f"p{i}", f"p{i}", host="127.0.0.1", port=port)
+        pairing.pair(alpha, pairing.our_token(peer)[0])
+    monkeypatch.setattr(client, "PING_ALL_AT_ONCE", 3)
+    try:
+        results = asyncio.run(client.ping_all(alpha))
+    finally:
+        listener.close()
+    assert sorted(r["peer"] for r in results) == [f"p{i}" for i in range(8)]
+    assert all(r["ok"] is False and r["error"] == "peer-unreachable" for r in results), results
+    assert len(accepted) == 8
+    # Before the first wave could time out, only the first wave had arrived.
+    assert len([t for t in accepted if t < accepted[0] + 0.9]) == 3, [round(t - accepted[0], 2) for t in accepted]

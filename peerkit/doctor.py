@@ -14,7 +14,7 @@ from pathlib import Path
 
 from . import authkeys
 from .config import Config
-from .errors import StateError
+from .errors import Busy, StateError
 from .state import PeerStore
 
 SSHD_CONFIG = Path("/etc/ssh/sshd_config")
@@ -192,7 +192,7 @@ def check_consistency(cfg: Config) -> list[Finding]:
     try:
         with PeerStore(cfg.db_path) as store:
             rows = {p.name: p for p in store.all()}
-    except StateError as exc:
+    except (StateError, Busy) as exc:  # damaged, or held by another process past the wait
         return [Finding("peer-rows", False, exc.message)]
     out = []
     orphans = sorted(set(lines) - set(rows))

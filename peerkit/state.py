@@ -14,6 +14,27 @@ from .errors import Busy, StateError
 
 KIND_DIRECT = "direct-ssh-direct"
 
+
+class _Errors:
+    """Turn SQLite's errors into ours: Busy for a file another process held past the timeout, else StateError.
+
+    Callers (the CLI's exit codes, the web UI's messages, peer-shell's audit
+    line) then say "busy" or name the damaged file, instead of reporting a
+    raw ``OperationalError`` as an internal error.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: type | None, exc: BaseException | None, _tb: object) -> None:
+        if isinstance(exc, sqlite3.Error):
+            # SQLITE_BUSY / SQLITE_LOCKED (extended codes keep them in the low byte).
+            busy = (getattr(exc, "sqlite_errorcode", 0) & 0xFF) in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+            raise (Busy if busy else StateError)(f"{self.path}: {exc}") from None
+
 # Append only: each entry (its statements) moves the schema one version forward.
 _MIGRATIONS: tuple[tuple[str, ...], ...] = (
     ("""
@@ -111,7 +132,8 @@ class PeerStore:
     def __init__(self, db_path: Path, *, readonly: bool = False, timeout: float = 10) -> None:
         """Open ``db_path``; a statement that finds it locked waits up to ``timeout`` s."""
         self.path = db_path
-        try:
+        self._errors = _Errors(db_path)
+        with self._errors:
             if readonly:
                 # peer-shell only reads; it must never create or migrate the DB.
                 # Quoted: a '#', '?' or '%' in the path would otherwise end or
@@ -126,8 +148,6 @@ class PeerStore:
                 finally:
                     os.umask(old_umask)
                 self._migrate()
-        except sqlite3.Error as exc:
-            raise StateError(f"{db_path}: {exc}") from None
 
     def close(self) -> None:
         self.db.close()
@@ -164,7 +184,8 @@ class PeerStore:
 
     def schema_version(self) -> int:
         """Return the applied schema version."""
-        return self.db.execute("SELECT COALESCE(MAX(version), 0) FROM schema_migrations").fetchone()[0]
+        with self._errors:
+            return self.db.execute("SELECT COALESCE(MAX(version), 0) FROM schema_migrations").fetchone()[0]
 
     _COLUMNS = "name, kind, config_json, status, last_seen, created_at, permissions_json, expires_at"
 
@@ -177,22 +198,19 @@ class PeerStore:
 
     def get(self, name: str) -> Peer | None:
         """Return the peer called ``name``, or None; raise Busy if a writer held the file past the timeout."""
-        try:
+        with self._errors:
             row = self.db.execute(f"SELECT {self._COLUMNS} FROM peers WHERE name = ?", (name,)).fetchone()
-        except sqlite3.Error as exc:
-            # SQLITE_BUSY / SQLITE_LOCKED (extended codes keep them in the low byte).
-            busy = (getattr(exc, "sqlite_errorcode", 0) & 0xFF) in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
-            raise (Busy if busy else StateError)(f"{self.path}: {exc}") from None
         return self._row(row) if row else None
 
     def all(self) -> list[Peer]:
         """Return every peer, sorted by name."""
-        rows = self.db.execute(f"SELECT {self._COLUMNS} FROM peers ORDER BY name").fetchall()
+        with self._errors:
+            rows = self.db.execute(f"SELECT {self._COLUMNS} FROM peers ORDER BY name").fetchall()
         return [self._row(r) for r in rows]
 
     def put(self, peer: Peer) -> None:
         """Insert or replace a peer row (keeping its creation time)."""
-        with self.db:
+        with self._errors, self.db:
             self.db.execute(
                 f"INSERT INTO peers ({self._COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
                 "ON CONFLICT(name) DO UPDATE SET kind = excluded.kind, "
@@ -205,7 +223,7 @@ class PeerStore:
 
     def delete(self, name: str) -> bool:
         """Delete a peer row; return whether it existed."""
-        with self.db:
+        with self._errors, self.db:
             return self.db.execute("DELETE FROM peers WHERE name = ?", (name,)).rowcount > 0
 
     def set_status(self, name: str, status: str, *, seen: bool, features: list[str] | None = None) -> None:
@@ -215,7 +233,7 @@ class PeerStore:
     def set_statuses(self, outcomes: list[tuple[str, str, bool, list[str] | None]]) -> None:
         """Record several ``(name, status, seen, features)`` outcomes in one transaction."""
         stamp = now()
-        with self.db:
+        with self._errors, self.db:
             for name, status, seen, features in outcomes:
                 if seen:
                     self.db.execute("UPDATE peers SET status = ?, last_seen = ? WHERE name = ?",

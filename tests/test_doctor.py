@@ -287,6 +287,26 @@ def test_key_line_without_peer_row(env):
     assert "beta" in finding.message and finding.fix == "peerkit unpair beta"
 
 
+@pytest.mark.parametrize("how", ["damaged", "held by another process"])
+def test_a_peer_database_it_cannot_use_is_a_finding_not_a_crash(env, how):
+    import sqlite3
+
+    writer = None
+    if how == "damaged":
+        env.cfg.db_path.write_bytes(b"not a database\n" * 512)
+    else:  # doctor waits for it as every command does (10 s), then reports it
+        writer = sqlite3.connect(env.cfg.db_path, isolation_level=None)
+        writer.execute("BEGIN EXCLUSIVE")
+    try:
+        found = env.findings()
+    finally:
+        if writer is not None:
+            writer.close()
+    finding = found["peer-rows"]
+    assert not finding.ok
+    assert ("not a database" if how == "damaged" else "database is locked") in finding.message
+
+
 def test_peer_row_without_key_line(env):
     text = env.ak.read_text()
     kept = [line for line in text.splitlines() if not line.endswith(" peerkit:beta")]

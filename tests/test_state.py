@@ -206,7 +206,7 @@ def test_readonly_open_reads_and_cannot_write(tmp_path, dirname):
     before = path.read_bytes()
     with PeerStore(path, readonly=True) as store:
         assert store.get("beta").name == "beta"
-        with pytest.raises(sqlite3.OperationalError):
+        with pytest.raises(StateError, match="readonly database"):
             store.put(Peer("gamma"))
     assert path.read_bytes() == before
 
@@ -215,7 +215,7 @@ def test_readonly_open_does_not_migrate(tmp_path):
     path = tmp_path / "empty.db"
     sqlite3.connect(path).close()  # an existing, empty database
     with PeerStore(path, readonly=True) as store:
-        with pytest.raises(sqlite3.OperationalError):
+        with pytest.raises(StateError, match="no such table"):
             store.schema_version()
     with sqlite3.connect(path) as conn:
         assert conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0] == 0
@@ -237,3 +237,44 @@ def test_a_read_that_finds_the_file_locked_raises_busy_after_its_timeout(tmp_pat
         writer.close()
     with PeerStore(path, readonly=True, timeout=0) as store:
         assert store.get("beta") is None
+
+
+def test_every_use_of_a_file_another_process_holds_raises_busy_and_damage_raises_state_error(tmp_path):
+    """Not SQLite's raw errors: the CLI maps these to `busy` (exit 15) and `bad-state` (exit 12)."""
+    from peerkit.errors import Busy
+
+    path = tmp_path / "peers.db"
+    with PeerStore(path) as store:
+        store.put(Peer("beta"))
+    writer = sqlite3.connect(path, isolation_level=None)
+    writer.execute("BEGIN EXCLUSIVE")
+    try:
+        with pytest.raises(Busy):
+            PeerStore(path, timeout=0)  # its migration check takes the write lock
+        with PeerStore(path, readonly=True, timeout=0) as store:
+            for read in (lambda: store.get("beta"), store.all, store.schema_version):
+                with pytest.raises(Busy):
+                    read()
+            for write in (lambda: store.put(Peer("gamma")), lambda: store.delete("beta"),
+                          lambda: store.set_status("beta", "ok", seen=True)):
+                with pytest.raises((Busy, StateError)):  # read-only or locked: never raw
+                    write()
+    finally:
+        writer.close()
+    # Writes through a writable store that finds the file held: Busy, and nothing half-done.
+    with PeerStore(path, timeout=0) as store:
+        reader = sqlite3.connect(path, isolation_level=None)
+        reader.execute("BEGIN")
+        reader.execute("SELECT * FROM peers").fetchall()  # a shared lock: writers cannot commit
+        try:
+            for write in (lambda: store.put(Peer("gamma")), lambda: store.delete("beta"),
+                          lambda: store.set_statuses([("beta", "ok", True, ["rsync"])])):
+                with pytest.raises(Busy):
+                    write()
+        finally:
+            reader.close()
+        assert [p.name for p in store.all()] == ["beta"] and store.get("beta").status == "new"
+    path.write_bytes(b"not a database\n" * 512)
+    with pytest.raises(StateError, match="not a database"):
+        with PeerStore(path, readonly=True) as store:
+            store.get("beta")

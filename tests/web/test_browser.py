@@ -330,7 +330,7 @@ def test_pull_of_a_busy_app_says_so(page, web_instances, shots):
         dialog = start_pull(page, "wiki")
         dialog.get_by_role("button", name="Start pull").click()
         alert = page.locator("#pull-result [role=alert]")
-        expect(alert).to_contain_text("Another transfer of this app is already running here", timeout=60_000)
+        expect(alert).to_contain_text("Another peerkit command is busy with this app", timeout=60_000)
         expect(alert.locator(".code")).to_have_text("busy")
         expect(alert).to_contain_text("failed at the Lock stage")
         shots(page, "13-pull-busy")

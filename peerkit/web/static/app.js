@@ -8,7 +8,7 @@
 
   // Plain words for the CLI's machine error codes (README: exit codes and error codes).
   const PLAIN = {
-    "busy": "Another transfer of this app is already running here. Wait for it to finish, then try again.",
+    "busy": "Another peerkit command is busy with this app or with the peer list here. Wait for it to finish, then try again.",
     "no-such-peer": "There is no peer of that name (any more). Refresh the list.",
     "peer-unreachable": "The peer could not be reached. Check that it is online and that its SSH server is running.",
     "host-key-mismatch": "The peer's host key is not the one pinned at pairing. Do not trust it until its operator confirms a reinstall; then re-pair.",

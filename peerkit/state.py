@@ -35,6 +35,7 @@ class _Errors:
             busy = (getattr(exc, "sqlite_errorcode", 0) & 0xFF) in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
             raise (Busy if busy else StateError)(f"{self.path}: {exc}") from None
 
+
 # Append only: each entry (its statements) moves the schema one version forward.
 _MIGRATIONS: tuple[tuple[str, ...], ...] = (
     ("""

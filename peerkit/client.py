@@ -598,7 +598,8 @@ async def ping_all(cfg: Config, notes: Callable[[str], None] | None = None) -> l
     """Ping every peer, PING_ALL_AT_ONCE at a time; return one result per peer (never raises for one peer)."""
     # One database connection, one read of our key and one transaction for
     # all of them: per peer, they cost the event loop more than the peer's
-    # own round trip.  (Interrupted, it records no status at all.)
+    # own round trip.  Interrupted, it still records the peers that had
+    # answered or failed; the others keep the status they had.
     with PeerStore(cfg.db_path) as store:
         peers = store.all()
         try:
@@ -618,9 +619,10 @@ async def ping_all(cfg: Config, notes: Callable[[str], None] | None = None) -> l
             outcomes.append((peer.name, "ok", True, features))
             return {"ok": True, **result}
 
-        results = list(await asyncio.gather(*(one(p) for p in peers)))
-        store.set_statuses(outcomes)
-        return results
+        try:
+            return list(await asyncio.gather(*(one(p) for p in peers)))
+        finally:
+            store.set_statuses(outcomes)
 
 
 async def peer_apps(cfg: Config, name: str, notes: Callable[[str], None] | None = None) -> dict[str, Any]:

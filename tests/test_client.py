@@ -350,3 +350,53 @@ def test_ping_all_connects_to_a_bounded_number_of_peers_at_a_time(tmp_path, monk
     assert len(accepted) == 8
     # Before the first wave could time out, only the first wave had arrived.
     assert len([t for t in accepted if t < accepted[0] + 0.9]) == 3, [round(t - accepted[0], 2) for t in accepted]
+
+
+def test_an_interrupted_ping_all_records_the_peers_that_had_finished(tmp_path):
+    """`peerkit ping --all`, stopped with Ctrl-C's signal while three peers still hang in a tarpit.
+
+    The three on a port where nothing listens had already failed: their
+    status is recorded; the three that never finished keep theirs.
+    """
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    from peerkit import pairing
+    from peerkit.state import PeerStore
+    from tests.instances import make_instance
+
+    tarpit = socket.create_server(("127.0.0.1", 0))
+    held: list[socket.socket] = []
+    threading.Thread(target=lambda: [held.append(tarpit.accept()[0]) for _ in range(3)], daemon=True).start()
+    closed = socket.create_server(("127.0.0.1", 0))
+    closed_port = closed.getsockname()[1]
+    closed.close()  # nothing listens there now: refused at once
+    alpha = make_instance(tmp_path / "alpha", "alpha", connect_timeout=60)
+    for name, port in [*((f"hang{i}", tarpit.getsockname()[1]) for i in range(3)),
+                       *((f"gone{i}", closed_port) for i in range(3))]:
+        peer = make_instance(tmp_path / name, name, host="127.0.0.1", port=port)
+        pairing.pair(alpha, pairing.our_token(peer)[0])
+    proc = subprocess.Popen([sys.executable, "-m", "peerkit.cli", "--config", str(alpha.path), "--json", "ping", "--all"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while len(held) < 3:  # every ping has started; the refused ones end at once
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.02)
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        tarpit.close()
+        for conn in held:
+            conn.close()
+    assert proc.returncode == 130, (out, err)
+    with PeerStore(alpha.db_path) as store:
+        statuses = {p.name: p.status for p in store.all()}
+    assert statuses == {**{f"gone{i}": "unreachable" for i in range(3)}, **{f"hang{i}": "new" for i in range(3)}}

@@ -30,7 +30,7 @@ Examples:
   peerkit ping beta
   peerkit ping --all --json""")
 @click.argument("peer", required=False)
-@click.option("--all", "everyone", is_flag=True, help="Ping every paired peer concurrently.")
+@click.option("--all", "everyone", is_flag=True, help="Ping every paired peer, 64 at a time.")
 @common_options
 def ping(obj: Context, peer: str | None, everyone: bool) -> int:
     """Check that PEER answers; record its status, last-seen time and the features it offers."""

@@ -7,12 +7,12 @@ zstd before Python 3.14, and a C tool beats a binding on a pipe anyway).
 from __future__ import annotations
 
 import ipaddress
-import shutil
 import subprocess
 import threading
 from typing import Callable
 
 from .errors import PeerkitError, TransferIncomplete
+from .rsyncargs import find_tool
 
 ZSTD_PATH = "/usr/local/bin:/usr/bin:/bin"
 # zstd -3 (apps.ZSTD_SEND) on two cores compresses ~180 MB/s: a link slower than
@@ -23,7 +23,7 @@ _CHUNK = 1 << 20
 
 def zstd_binary() -> str | None:
     """Return the path of zstd, or None when it is not installed."""
-    return shutil.which("zstd", path=ZSTD_PATH)
+    return find_tool("zstd", ZSTD_PATH)
 
 
 def _is_loopback(host: str) -> bool:

@@ -3,8 +3,9 @@
 The peer runs ``tar -cf - .`` and we receive the bytes chunk by chunk over
 SSH.  :class:`TarExtractor` is a push parser: each chunk is handed to
 :meth:`TarExtractor.feed` as it arrives and file data is written straight
-through with ``os.write``, so memory stays bounded by one header block plus
-one (capped) pax / GNU long-name record, whatever the archive size.
+through with ``os.write``, so memory stays bounded by one header block, one
+(capped) pax / GNU long-name record and the directories on the current
+member's path, whatever the archive size.
 
 Headers are parsed here (ustar, GNU and POSIX pax); :mod:`tarfile` is
 deliberately not used.  Everyday headers (a file or directory with a short
@@ -73,9 +74,11 @@ _REFUSED_TYPES = {
 }
 # errnos that mean "the archive's own entries collide or are not what the
 # archive claims" rather than a local failure.
+# EACCES too: everything under dest is ours, so only a mode the archive gave
+# a directory it had finished with (below, _enter) can deny us.
 _ARCHIVE_ERRNOS = {
     errno.EEXIST, errno.ELOOP, errno.ENOTDIR, errno.EISDIR,
-    errno.ENAMETOOLONG, errno.EMLINK, errno.ENOTEMPTY,
+    errno.ENAMETOOLONG, errno.EMLINK, errno.ENOTEMPTY, errno.EACCES,
 }
 
 _OCTAL_RE = re.compile(rb" *([0-7]*)[ \0]*")
@@ -317,7 +320,13 @@ class TarExtractor:
         self._long_name: bytes | None = None
         self._long_link: bytes | None = None
         self._cache: OrderedDict[tuple[bytes, ...], int] = OrderedDict()
-        self._dirs: dict[tuple[bytes, ...], tuple[int, int, int, int]] = {}
+        # The directories on the path of the member being made, outermost
+        # first, each with the mode, mtime, uid and gid its header gave (None:
+        # no header yet).  A directory's metadata is applied as the stream
+        # leaves it, as GNU tar does: remembering every directory until the
+        # end would let a peer grow our memory by about 380 bytes per 512-byte
+        # header.
+        self._open: list[list] = [[(), None]]
         self._error: tuple[type[BaseException], str | None] | None = None
         self._closed = False
         self._finished = False
@@ -368,7 +377,7 @@ class TarExtractor:
                 self._apply_limit()
             if self._state != _END:
                 raise TransferIncomplete(self._incomplete_detail())
-            self._apply_dirs()
+            self._enter(None)
             self._finished = True
             self._close_all()
             return self.stats
@@ -609,7 +618,7 @@ class TarExtractor:
             # '.' may only (re)describe the staging directory itself
             if kind != "dir":
                 raise UnsafeArchive(f"{kind} member {_show(name)} would replace the staging directory")
-            self._dirs[()] = (mode & 0o1777, mtime_ns, uid, gid)
+            self._open[0][1] = (mode & 0o1777, mtime_ns, uid, gid)
             return
         # a trailing slash on a non-directory is ambiguous
         if kind != "dir" and name.endswith(b"/"):
@@ -622,9 +631,7 @@ class TarExtractor:
                 raise UnsafeArchive(f"{_show(name)} ({size} bytes) exceeds the {self._max}-byte limit")
             self._start_file(comps, size, mode & 0o777, mtime_ns, uid, gid)
         elif kind == "dir":
-            self._dir_fd(comps)
-            self._dirs[comps] = (mode & 0o1777, mtime_ns, uid, gid)
-            self.stats.dirs += 1
+            self._make_dir(comps, mode, mtime_ns, uid, gid)
         elif kind == "symlink":
             self._make_symlink(comps, linkname, mtime_ns, uid, gid)
         else:
@@ -682,9 +689,7 @@ class TarExtractor:
         if typeflag == b"0":
             self._start_file(comps, size, mode & 0o777, mtime_ns, uid, gid)
         else:
-            self._dir_fd(comps)
-            self._dirs[comps] = (mode & 0o1777, mtime_ns, uid, gid)
-            self.stats.dirs += 1
+            self._make_dir(comps, mode, mtime_ns, uid, gid)
         return True
 
     def _start_meta(self, typeflag: bytes, size: int, end_offset: int) -> None:
@@ -743,11 +748,12 @@ class TarExtractor:
     def _start_file(self, comps: tuple[bytes, ...], size: int, mode: int,
                     mtime_ns: int, uid: int, gid: int) -> None:
         """Create a regular file exclusively and prepare to stream its data."""
+        self._enter(comps[:-1])
         parent = self._dir_fd(comps[:-1])
         # The file is created with its final mode (the fd is writable even
         # when that mode is not), saving an fchmod per file where the umask
-        # keeps it whole.  Nothing is exposed early: every directory stays
-        # 0o700 until finish(), and dest is a private staging directory.
+        # keeps it whole.  Nothing is exposed early: dest, a private staging
+        # directory, stays 0o700 until finish().
         umask = self._umask
         chmod = umask is None or bool(mode & umask)
         try:
@@ -783,6 +789,7 @@ class TarExtractor:
                       mtime_ns: int, uid: int, gid: int) -> None:
         """Create a symlink after checking that its target stays inside dest."""
         _check_symlink_target(target, comps[:-1], self._member)
+        self._enter(comps[:-1])
         parent = self._dir_fd(comps[:-1])
         name = comps[-1]
         try:
@@ -814,11 +821,12 @@ class TarExtractor:
                 is_file = src >= 0 and stat.S_ISREG(os.stat(tcomps[-1], dir_fd=src, follow_symlinks=False).st_mode)
             except OSError as exc:
                 if exc.errno not in _NOT_THERE:
-                    raise
+                    raise self._os_refusal(exc, "cannot look up the target of hard link") from exc
                 is_file = False
             if not is_file:
                 raise UnsafeArchive(f"hard link {_show(self._member)} to {_show(target)}, "
                                     "which is not a regular file of this archive")
+            self._enter(comps[:-1])
             dst = self._dir_fd(comps[:-1])
             try:
                 # follow_symlinks=False: linkat without AT_SYMLINK_FOLLOW
@@ -847,7 +855,7 @@ class TarExtractor:
             if fd != self._root:
                 os.close(fd)
             if exc.errno not in _NOT_THERE:
-                raise
+                raise self._os_refusal(exc, "cannot look up the target of hard link") from exc
             return -1
         return fd
 
@@ -923,22 +931,48 @@ class TarExtractor:
                                  "is a symlink or not a directory")
         return self._os_refusal(exc, "cannot open a directory for")
 
-    def _apply_dirs(self) -> None:
-        """Apply deferred directory modes, owners and mtimes, deepest first.
+    # -- directory metadata ------------------------------------------------
 
-        Deepest first keeps every directory still being walked through at
-        0o700 (a 0o500 parent is only applied after its children), and a
-        directory's mtime is set after everything inside it was written.
-        The fd cache is reused: a directory already applied is never an
-        ancestor of one applied later.
+    def _make_dir(self, comps: tuple[bytes, ...], mode: int, mtime_ns: int, uid: int, gid: int) -> None:
+        """Create (or find) directory comps; its metadata waits until the stream leaves it."""
+        self._enter(comps)
+        self._dir_fd(comps)
+        self._open[-1][1] = (mode & 0o1777, mtime_ns, uid, gid)  # a repeated header: the last wins
+        self.stats.dirs += 1
+
+    def _enter(self, comps: tuple[bytes, ...] | None) -> None:
+        """Make directory ``comps`` the current one (None: the end of the archive).
+
+        Every directory left (not ``comps`` nor one of its parents) gets its
+        metadata now, deepest first: a 0o500 parent is applied only after its
+        children, and a directory's mtime after everything inside it was
+        written.  Until then it stays 0o700.  Archives list a directory's
+        contents together, as tar writes them; one that comes back to a
+        directory it left finds it with its final mode (creating in a 0o555
+        one is refused, except as root) and changes its mtime, as it would
+        under GNU tar.
         """
-        for comps in sorted(self._dirs, key=lambda c: (-len(c), c)):
-            mode, mtime_ns, uid, gid = self._dirs[comps]
-            fd = self._dir_fd(comps)
-            if self._preserve:
-                os.fchown(fd, uid, gid)
-            os.fchmod(fd, mode)
-            os.utime(fd, ns=(mtime_ns, mtime_ns))
+        opened = self._open
+        if opened[-1][0] == comps:  # the everyday case: the same directory as the member before
+            return
+        if comps is None:
+            keep = 0
+        else:
+            keep = len(opened)
+            while keep > 1 and comps[:len(opened[keep - 1][0])] != opened[keep - 1][0]:
+                keep -= 1
+        while len(opened) > keep:
+            done, meta = opened.pop()
+            if meta is not None:
+                mode, mtime_ns, uid, gid = meta
+                fd = self._dir_fd(done)
+                if self._preserve:
+                    os.fchown(fd, uid, gid)
+                os.fchmod(fd, mode)
+                os.utime(fd, ns=(mtime_ns, mtime_ns))
+        if comps is not None:
+            for depth in range(len(opened[-1][0]) + 1, len(comps) + 1):
+                opened.append([comps[:depth], None])
 
 
 def process_umask() -> int | None:

@@ -36,6 +36,16 @@ HAVE_GNU_TAR = shutil.which("tar") is not None
 
 # -- helpers ------------------------------------------------------------------
 
+def pwd_nobody():
+    """The 'nobody' account (None when there is none)."""
+    import pwd
+
+    try:
+        return pwd.getpwnam("nobody")
+    except KeyError:
+        return None
+
+
 def fd_count() -> int:
     """Return how many fds this process has open."""
     return len(os.listdir("/proc/self/fd"))
@@ -471,6 +481,111 @@ def test_directories_deferred_modes_and_mtimes(tmp_path: Path) -> None:
     assert (mode("closed"), mtime("closed")) == (0o000, 1_000_000_007)
     assert stats.dirs == 6
     os.chmod(dest / "closed", 0o700)  # let tmp_path cleanup in as a non-root user
+
+
+def test_a_directory_gets_its_metadata_when_the_stream_leaves_it(tmp_path: Path) -> None:
+    dest = tmp_path / "dest"
+    dest.mkdir(mode=0o700)
+    mode = lambda p: os.lstat(dest / p).st_mode & 0o7777  # noqa: E731
+    mtime = lambda p: os.lstat(dest / p).st_mtime  # noqa: E731
+    ex = TarExtractor(dest, max_bytes=MAX)
+    ex.feed(directory(".", mode=0o755, mtime=1_000_000_009) + directory("a", mode=0o750, mtime=1_000_000_000)
+            + member("a/f", b"x") + directory("a/b", mode=0o500, mtime=1_000_000_001) + member("a/b/g", b"y"))
+    assert (mode("a"), mode("a/b")) == (0o700, 0o700)  # still being written into
+    ex.feed(member("a/h", b"z"))  # left a/b, still in a
+    assert (mode("a/b"), mtime("a/b"), mode("a")) == (0o500, 1_000_000_001, 0o700)
+    ex.feed(member("c", b"w"))
+    assert (mode("a"), mtime("a")) == (0o750, 1_000_000_000)
+    assert mode("") == 0o700  # dest itself, which keeps everything private until the end
+    ex.feed(bytes(1024))
+    ex.finish()
+    assert (mode(""), mtime("")) == (0o755, 1_000_000_009)
+    assert (mode("a"), mtime("a"), mode("a/b")) == (0o750, 1_000_000_000, 0o500)
+
+
+def test_memory_stays_flat_in_the_number_of_directories(tmp_path: Path) -> None:
+    """A peer sending empty directories (512 bytes each) cannot grow what the extractor keeps."""
+    import tracemalloc
+
+    def grown(dirs: int) -> int:
+        dest = tmp_path / f"dest{dirs}"
+        dest.mkdir()
+        ex = TarExtractor(dest, max_bytes=MAX)
+        try:
+            tracemalloc.start()
+            before = tracemalloc.get_traced_memory()[0]
+            for i in range(dirs):
+                ex.feed(directory(f"d{i % 10}/directory-with-a-name-of-some-length-{i:06d}", mtime=i))
+            after = tracemalloc.get_traced_memory()[0]
+        finally:
+            tracemalloc.stop()
+        ex.feed(bytes(1024))
+        ex.finish()
+        assert os.lstat(dest / "d3/directory-with-a-name-of-some-length-000013").st_mtime == 13
+        return after - before
+
+    few, many = grown(500), grown(10_000)
+    # remembering each directory until the end cost about 300 bytes a directory (2.8 MB here)
+    assert many - few < 100_000, (few, many)
+
+
+_COME_BACK = """
+import sys
+from peerkit.archive import TarExtractor
+from peerkit.errors import UnsafeArchive
+ex = TarExtractor(sys.argv[1], max_bytes=1 << 20)
+try:
+    ex.feed(open(sys.argv[2], "rb").read())
+    ex.finish()
+    print("extracted")
+except UnsafeArchive as exc:
+    ex.abort()
+    print("refused:", exc.detail)
+"""
+
+
+_COME_BACK_CASES = {
+    "file": (a(directory("ro", mode=0o555), member("ro/f", b"x"), member("other", b"y"), member("ro/late", b"z")),
+             "cannot create file 'ro/late': Permission denied"),
+    "hard link": (a(directory("shut", mode=0o000), member("shut/f", b"x"), member("other", b"y"),
+                    hardlink("h", "shut/f")),
+                  "cannot look up the target of hard link 'h': Permission denied"),
+}
+
+
+@pytest.mark.skipif(IS_ROOT and pwd_nobody() is None, reason="no 'nobody' user to drop to")
+@pytest.mark.parametrize("case", sorted(_COME_BACK_CASES))
+def test_coming_back_to_a_finished_read_only_directory_is_refused_not_a_local_error(case: str) -> None:
+    """Archives list a directory's contents together; one that comes back finds the final mode (as under GNU tar).
+
+    Root ignores the mode, so this runs as an ordinary user; the denial is
+    the archive's doing and must read as a refusal, not as a local failure.
+    """
+    data, refusal = _COME_BACK_CASES[case]
+    base = Path(tempfile.mkdtemp(prefix="peerkit-comeback-"))  # in /tmp: nobody can reach it
+    try:
+        os.chmod(base, 0o755)
+        (base / "dest").mkdir()
+        (base / "archive.tar").write_bytes(data)
+        nobody = pwd_nobody() if IS_ROOT else None
+        if nobody is not None:
+            os.chown(base / "dest", nobody.pw_uid, nobody.pw_gid)
+        env = {**os.environ, "PYTHONPATH": str(Path(archive.__file__).parents[1])}
+        out = subprocess.run([sys.executable, "-c", _COME_BACK, str(base / "dest"), str(base / "archive.tar")],
+                             capture_output=True, text=True, env=env, timeout=60,
+                             user=nobody.pw_uid if nobody else None, group=nobody.pw_gid if nobody else None)
+        assert out.stdout == f"refused: {refusal}\n", (out.stdout, out.stderr)
+    finally:
+        subprocess.run(["chmod", "-R", "u+rwx", str(base)], check=False)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="root ignores the final mode; others are refused (test above)")
+def test_coming_back_to_a_finished_directory_as_root_writes_into_it(tmp_path: Path) -> None:
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    extract(a(directory("ro", mode=0o555), member("ro/f", b"x"), member("o", b"y"), member("ro/late", b"z")), dest)
+    assert (dest / "ro/late").read_bytes() == b"z" and os.lstat(dest / "ro").st_mode & 0o777 == 0o555
 
 
 _FILE_MODES = [0o644, 0o755, 0o444, 0o000, 0o600, 0o777, 0o640, 0o1755]

@@ -16,10 +16,9 @@ import ctypes
 import errno
 import os
 import secrets
-import shutil
 import stat
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 from .atomicfile import fsync_dir
 
@@ -94,28 +93,128 @@ def swap_in(staging: Path, live: Path) -> Path | None:
 
 
 def remove_tree(path: Path) -> None:
-    """Delete a tree, including read-only directories an archive created."""
-    def unlock(func, failed: str, _exc: object) -> None:
-        # A 0o555 directory from the archive blocks deleting its entries.
-        parent = os.path.dirname(failed)
-        try:
-            os.chmod(parent, stat.S_IRWXU)
-            if os.path.isdir(failed) and not os.path.islink(failed):
-                # A directory rmtree could not open, list or remove (0o000,
-                # 0o555 parent): unlock it and remove it with its contents.
-                os.chmod(failed, stat.S_IRWXU)
-                shutil.rmtree(failed, onerror=unlock)
-            else:
-                func(failed)
-        except FileNotFoundError:
-            pass
+    """Delete a tree, including read-only directories an archive created; memory stays flat in its size.
 
-    if os.path.lexists(path):
-        if os.path.isdir(path) and not os.path.islink(path):
-            os.chmod(path, stat.S_IRWXU)
-            shutil.rmtree(path, onerror=unlock)
-        else:
-            os.unlink(path)
+    Each directory is opened with ``O_NOFOLLOW`` relative to its parent
+    (a symlink is removed, never followed), made ``0o700`` so that its
+    entries can go, and emptied while it is listed: what is kept is one
+    listing per level, not every entry of a directory.  ``shutil.rmtree``
+    lists each directory whole first, about 700 bytes an entry: a
+    million-file directory of a pulled app cost 700 MB at the clean-up of
+    every pull after it, and a peer's wide tree as much when its staging
+    copy was removed.
+    """
+    if not os.path.lexists(path):
+        return
+    if not os.path.isdir(path) or os.path.islink(path):
+        os.unlink(path)
+        return
+    # the parent is the caller's (apps_dir may itself be a symlink): only a handle for the names in it
+    parent = os.open(os.path.dirname(os.path.abspath(path)), os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        top = _open_writable_dir(parent, os.path.basename(path))
+        if top >= 0:
+            try:
+                _empty_dir(top)
+            finally:
+                os.close(top)
+        with contextlib.suppress(FileNotFoundError):
+            os.rmdir(os.path.basename(path), dir_fd=parent)
+    finally:
+        os.close(parent)
+
+
+# Below this many levels a directory is emptied while it is listed (its
+# listing holds a second fd); deeper ones are listed whole first, so a tree
+# as deep as the path limit allows stays within the default 1,024 fds.
+_STREAMED_LEVELS = 128
+
+
+def _empty_dir(top: int) -> None:
+    """Remove everything inside the directory open at ``top``."""
+    # (fd, its entries still to remove, the listing to close, its name in the level below)
+    stack: list[tuple[int, Iterator[tuple[str, bool]], Any, str]] = [(top, *_entries_of(top, 0), "")]
+    try:
+        while stack:
+            fd, entries, listing, _ = stack[-1]
+            entry = next(entries, None)
+            if entry is None:
+                if listing is not None:
+                    listing.close()
+                _, _, _, name = stack.pop()
+                if stack:
+                    os.close(fd)
+                    with contextlib.suppress(FileNotFoundError):
+                        os.rmdir(name, dir_fd=stack[-1][0])
+                continue
+            name, is_dir = entry
+            if not is_dir:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(name, dir_fd=fd)
+                continue
+            sub = _open_writable_dir(fd, name)
+            if sub >= 0:
+                try:
+                    stack.append((sub, *_entries_of(sub, len(stack)), name))
+                except BaseException:
+                    os.close(sub)
+                    raise
+    finally:
+        for fd, _, listing, _ in stack:
+            if listing is not None:
+                listing.close()
+            if fd != top:
+                os.close(fd)
+
+
+def _entries_of(fd: int, depth: int) -> tuple[Iterator[tuple[str, bool]], Any]:
+    """Return (name, is a directory) of each entry of ``fd``, and the listing to close (None: none open)."""
+    if depth >= _STREAMED_LEVELS:
+        with os.scandir(fd) as listing:
+            return iter([(e.name, _is_dir(e)) for e in listing]), None
+    listing = os.scandir(fd)
+    return ((e.name, _is_dir(e)) for e in listing), listing
+
+
+def _is_dir(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_dir(follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+
+
+def _open_writable_dir(parent: int, name: str) -> int:
+    """Open directory ``name`` without following a symlink and make it 0o700; -1 when it is gone.
+
+    A symlink or file found there instead is unlinked.  A 0o000 directory
+    cannot be opened for listing by its owner: it is opened as a path first
+    and changed through /proc (the fd of a path has no fchmod).
+    """
+    for attempt in range(2):
+        try:
+            fd = os.open(name, _DIR_FLAGS, dir_fd=parent)
+            break
+        except FileNotFoundError:
+            return -1
+        except OSError as exc:
+            if exc.errno in (errno.ENOTDIR, errno.ELOOP):  # a file or a symlink now: remove that name only
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(name, dir_fd=parent)
+                return -1
+            if exc.errno != errno.EACCES or attempt:
+                raise
+        ref = os.open(name, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent)
+        try:
+            os.chmod(f"/proc/self/fd/{ref}", stat.S_IRWXU)
+        finally:
+            os.close(ref)
+    try:
+        if stat.S_IMODE(os.fstat(fd).st_mode) & stat.S_IRWXU != stat.S_IRWXU:
+            os.fchmod(fd, stat.S_IRWXU)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC

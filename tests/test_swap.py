@@ -276,6 +276,60 @@ def test_remove_tree_on_a_symlink_removes_only_the_link(tmp_path: Path) -> None:
     remove_tree(tmp_path / "never-existed")  # nothing to do is not an error
 
 
+def test_remove_tree_memory_stays_flat_in_the_width_of_a_directory(tmp_path: Path) -> None:
+    """A directory is emptied while it is listed, not listed whole first (about 700 bytes an entry)."""
+    import tracemalloc
+
+    def grown(entries: int) -> int:
+        tree = tmp_path / f"tree{entries}"
+        (tree / "wide").mkdir(parents=True)
+        for i in range(entries):
+            if i % 2:
+                (tree / "wide" / f"file-with-a-name-of-some-length-{i:06d}").touch()
+            else:
+                (tree / "wide" / f"directory-with-a-name-of-some-length-{i:06d}").mkdir()
+        tracemalloc.start()
+        try:
+            remove_tree(tree)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert not os.path.lexists(tree)
+        return peak
+
+    few, many = grown(500), grown(20_000)
+    assert many - few < 100_000, (few, many)
+
+
+def test_remove_tree_deeper_than_the_streamed_levels(tmp_path: Path) -> None:
+    """Past swap._STREAMED_LEVELS a level is listed whole, one fd each: a very deep tree still goes."""
+    depth = swap._STREAMED_LEVELS + 450  # all of it listed while emptied would take over 1,024 fds
+    os.mkdir(tmp_path / "tree")
+    fd = os.open(tmp_path / "tree", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for i in range(depth):  # through fds: the path itself would pass PATH_MAX
+            os.mkdir("d", dir_fd=fd)
+            with open(os.open("f", os.O_WRONLY | os.O_CREAT, 0o400, dir_fd=fd), "wb") as fh:
+                fh.write(b"x")
+            nxt = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            if i % 50 == 0:
+                os.fchmod(fd, 0o555)  # a read-only level now and then
+            os.close(fd)
+            fd = nxt
+    finally:
+        os.close(fd)
+    before = len(os.listdir("/proc/self/fd"))
+    limit = resource.getrlimit(resource.RLIMIT_NOFILE)
+    # about two fds per streamed level and one per level below them, all within the default 1,024
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(1024, limit[1]), limit[1]))
+    try:
+        remove_tree(tmp_path / "tree")
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, limit)
+    assert not os.path.lexists(tmp_path / "tree")
+    assert len(os.listdir("/proc/self/fd")) == before
+
+
 def _nobody() -> pwd.struct_passwd | None:
     try:
         return pwd.getpwnam("nobody")

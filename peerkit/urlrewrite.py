@@ -7,6 +7,7 @@ import os
 import re
 import stat
 from pathlib import Path
+from typing import Any, Callable, Iterator
 
 from .atomicfile import write_atomic
 
@@ -21,31 +22,85 @@ def _pattern(domain: str) -> re.Pattern[bytes]:
                       re.IGNORECASE)
 
 
-def _matches(rel: str, globs: tuple[str, ...]) -> bool:
-    name = rel.rsplit("/", 1)[-1]
-    return any(fnmatch.fnmatchcase(rel if "/" in g else name, g) for g in globs)
+def _matcher(globs: tuple[str, ...]) -> Callable[[str, str], bool]:
+    """Return match(relative path, name): a glob with '/' matches the relative path, any other the name."""
+    def one(patterns: list[str]) -> re.Pattern[str] | None:
+        return re.compile("|".join(fnmatch.translate(g) for g in patterns)) if patterns else None
+
+    by_path, by_name = one([g for g in globs if "/" in g]), one([g for g in globs if "/" not in g])
+    return lambda rel, name: bool(by_name and by_name.match(name) or by_path and by_path.match(rel))
 
 
 def rewrite(app_dir: Path, source: str, target: str, globs: tuple[str, ...]) -> list[str]:
     """Replace ``source`` with ``target`` in the matching text files; return what changed."""
     pattern, replacement = _pattern(source), target.encode("ascii")
     changed: list[str] = []
-    for top, dirs, files in os.walk(app_dir):  # os.walk never follows symlinked dirs
-        dirs.sort()
-        for name in sorted(files):
-            path = Path(top) / name
-            rel = path.relative_to(app_dir).as_posix()
-            if not _matches(rel, globs):
-                continue
-            st = os.lstat(path)
-            # Symlinks could point outside the app; huge files are not config.
-            if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_FILE:
-                continue
-            data = path.read_bytes()
-            if b"\0" in data[:8192]:
-                continue  # binary
-            new = pattern.sub(replacement, data)
-            if new != data:
-                write_atomic(path, new, mode=stat.S_IMODE(st.st_mode))
-                changed.append(rel)
+    for rel in _candidates(app_dir, _matcher(globs)):
+        path = app_dir / rel
+        st = os.lstat(path)
+        # Symlinks could point outside the app; huge files are not config.
+        if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_FILE:
+            continue
+        data = path.read_bytes()
+        if b"\0" in data[:8192]:
+            continue  # binary
+        new = pattern.sub(replacement, data)
+        if new != data:
+            write_atomic(path, new, mode=stat.S_IMODE(st.st_mode))
+            changed.append(rel)
     return sorted(changed)
+
+
+# Below this many levels a directory's listing stays open while its
+# subdirectories are walked (one fd a level); deeper ones are listed whole.
+_STREAMED_LEVELS = 128
+
+
+def _candidates(app_dir: Path, match: Callable[[str, str], bool]) -> Iterator[str]:
+    """Yield the relative path of every non-directory under ``app_dir`` that ``match`` accepts.
+
+    Never through a symlinked directory.  Only the matching names of a
+    directory are kept, and given once its listing is closed: a rewrite
+    renames a new file over the old one, and whether a listing still open
+    shows that name again is left to the filesystem (POSIX leaves it
+    unspecified), where a second pass would rewrite the file twice.  The
+    names that do not match are never kept, so an app of a million files
+    walks in the memory of a few (os.walk lists each directory whole: about
+    150 bytes a file).
+    """
+    stack: list[tuple[Iterator[os.DirEntry], Any, str, list[str]]] = [(*_listing(app_dir, 0), "", [])]
+    try:
+        while stack:
+            entries, listing, prefix, found = stack[-1]
+            entry = next(entries, None)
+            if entry is None:
+                if listing is not None:
+                    listing.close()
+                stack.pop()
+                yield from found
+                continue
+            rel = prefix + entry.name
+            if entry.is_dir(follow_symlinks=False):
+                stack.append((*_listing(entry.path, len(stack)), rel + "/", []))
+            elif match(rel, entry.name):
+                found.append(rel)
+    finally:
+        for _, listing, _, _ in stack:
+            if listing is not None:
+                listing.close()
+
+
+def _listing(path: str | Path, depth: int) -> tuple[Iterator[os.DirEntry], Any]:
+    """Return the entries of directory ``path`` and the open listing to close (None: read whole).
+
+    A directory that cannot be listed (a 0o000 one, as another user than
+    root) has nothing to rewrite, as under os.walk.
+    """
+    try:
+        if depth >= _STREAMED_LEVELS:
+            with os.scandir(path) as listing:
+                return iter(list(listing)), None
+        listing = os.scandir(path)
+    except OSError:
+        return iter(()), None
+    return iter(listing), listing

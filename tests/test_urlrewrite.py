@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import os
+import pwd
+import shutil
 import stat
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -187,3 +192,81 @@ def test_rewrite_is_exactly_the_label_bounded_replacement(app: Path, prefix: str
     else:
         assert " new.example " in out
         assert len(out) == len(text)
+
+
+def test_memory_stays_flat_in_the_number_of_files(app: Path) -> None:
+    """Only matching names are kept while walking (os.walk listed each directory whole: about 150 bytes a file)."""
+    import tracemalloc
+
+    def grown(files: int) -> int:
+        root = app / f"n{files}"
+        (root / "wide").mkdir(parents=True)
+        for i in range(files):
+            (root / "wide" / f"cache-entry-with-a-name-of-some-length-{i:06d}").touch()
+        write(root / "wide" / ".env", f"URL=https://{SRC}/\n")
+        tracemalloc.start()
+        try:
+            assert rewrite(root, SRC, DST, GLOBS) == ["wide/.env"]
+            return tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+
+    few, many = grown(500), grown(20_000)
+    assert many - few < 100_000, (few, many)
+
+
+
+
+def _nobody() -> pwd.struct_passwd | None:
+    try:
+        return pwd.getpwnam("nobody")
+    except KeyError:
+        return None
+
+
+_LEFT_ALONE = """
+import sys
+from pathlib import Path
+from peerkit.urlrewrite import rewrite
+print(rewrite(Path(sys.argv[1]), "old.example", "new.example", (".env",)))
+"""
+
+
+@pytest.mark.skipif(os.geteuid() == 0 and _nobody() is None, reason="no 'nobody' user to drop to")
+def test_a_directory_that_cannot_be_listed_is_left_alone() -> None:
+    """As under os.walk: a 0o000 directory (another user than root cannot list it) has nothing to rewrite."""
+    base = Path(tempfile.mkdtemp(prefix="peerkit-rewrite-"))  # in /tmp: nobody can reach it
+    try:
+        os.chmod(base, 0o755)
+        write(base / ".env", f"URL=https://{SRC}/\n")
+        write(base / "shut" / ".env", f"URL=https://{SRC}/\n")
+        nobody = _nobody() if os.geteuid() == 0 else None
+        if nobody is not None:
+            for p in (base, base / ".env", base / "shut", base / "shut" / ".env"):
+                os.chown(p, nobody.pw_uid, nobody.pw_gid)
+        os.chmod(base / "shut", 0)
+        env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+        out = subprocess.run([sys.executable, "-c", _LEFT_ALONE, str(base)], capture_output=True, text=True,
+                             env=env, timeout=60, user=nobody.pw_uid if nobody else None,
+                             group=nobody.pw_gid if nobody else None)
+        assert out.stdout == "['.env']\n", (out.stdout, out.stderr)
+    finally:
+        os.chmod(base / "shut", 0o755)
+        shutil.rmtree(base)
+
+
+def test_deep_trees_are_walked_whole(app: Path) -> None:
+    """Past urlrewrite._STREAMED_LEVELS a directory is listed whole instead of held open: the same files found."""
+    from peerkit import urlrewrite
+
+    depth = urlrewrite._STREAMED_LEVELS + 20
+    expected = []
+    for level in (0, 1, urlrewrite._STREAMED_LEVELS - 1, urlrewrite._STREAMED_LEVELS, depth):
+        rel = "d/" * level + ".env"
+        write(app / rel, f"URL=https://{SRC}/\n")
+        expected.append(rel)
+    write(app / ("d/" * depth) / "other.txt", f"URL=https://{SRC}/\n")
+    before = len(os.listdir("/proc/self/fd"))
+    assert rewrite(app, SRC, DST, GLOBS) == sorted(expected)
+    assert len(os.listdir("/proc/self/fd")) == before
+    assert (app / ("d/" * depth) / ".env").read_text() == f"URL=https://{DST}/\n"

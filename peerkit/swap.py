@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from .atomicfile import fsync_dir
+from .listing import open_listing
 
 STAGING_PREFIX = ".peerkit-staging-"
 ASIDE_PREFIX = ".peerkit-aside-"
@@ -124,16 +125,11 @@ def remove_tree(path: Path) -> None:
         os.close(parent)
 
 
-# Below this many levels a directory is emptied while it is listed (its
-# listing holds a second fd); deeper ones are listed whole first, so a tree
-# as deep as the path limit allows stays within the default 1,024 fds.
-_STREAMED_LEVELS = 128
-
-
 def _empty_dir(top: int) -> None:
     """Remove everything inside the directory open at ``top``."""
-    # (fd, its entries still to remove, the listing to close, its name in the level below)
-    stack: list[tuple[int, Iterator[tuple[str, bool]], Any, str]] = [(top, *_entries_of(top, 0), "")]
+    # (fd, its entries still to remove, the listing to close, its name in the level below);
+    # an open listing holds a second fd (listing.STREAMED_LEVELS)
+    stack: list[tuple[int, Iterator[os.DirEntry], Any, str]] = [(top, *open_listing(top, 0), "")]
     try:
         while stack:
             fd, entries, listing, _ = stack[-1]
@@ -147,15 +143,14 @@ def _empty_dir(top: int) -> None:
                     with contextlib.suppress(FileNotFoundError):
                         os.rmdir(name, dir_fd=stack[-1][0])
                 continue
-            name, is_dir = entry
-            if not is_dir:
+            if not _is_dir(entry):
                 with contextlib.suppress(FileNotFoundError):
-                    os.unlink(name, dir_fd=fd)
+                    os.unlink(entry.name, dir_fd=fd)
                 continue
-            sub = _open_writable_dir(fd, name)
+            sub = _open_writable_dir(fd, entry.name)
             if sub >= 0:
                 try:
-                    stack.append((sub, *_entries_of(sub, len(stack)), name))
+                    stack.append((sub, *open_listing(sub, len(stack)), entry.name))
                 except BaseException:
                     os.close(sub)
                     raise
@@ -165,15 +160,6 @@ def _empty_dir(top: int) -> None:
                 listing.close()
             if fd != top:
                 os.close(fd)
-
-
-def _entries_of(fd: int, depth: int) -> tuple[Iterator[tuple[str, bool]], Any]:
-    """Return (name, is a directory) of each entry of ``fd``, and the listing to close (None: none open)."""
-    if depth >= _STREAMED_LEVELS:
-        with os.scandir(fd) as listing:
-            return iter([(e.name, _is_dir(e)) for e in listing]), None
-    listing = os.scandir(fd)
-    return ((e.name, _is_dir(e)) for e in listing), listing
 
 
 def _is_dir(entry: os.DirEntry) -> bool:

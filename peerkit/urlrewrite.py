@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from .atomicfile import write_atomic
+from .listing import open_listing
 
 MAX_FILE = 16 << 20
 
@@ -51,11 +52,6 @@ def rewrite(app_dir: Path, source: str, target: str, globs: tuple[str, ...]) -> 
     return sorted(changed)
 
 
-# Below this many levels a directory's listing stays open while its
-# subdirectories are walked (one fd a level); deeper ones are listed whole.
-_STREAMED_LEVELS = 128
-
-
 def _candidates(app_dir: Path, match: Callable[[str, str], bool]) -> Iterator[str]:
     """Yield the relative path of every non-directory under ``app_dir`` that ``match`` accepts.
 
@@ -68,7 +64,7 @@ def _candidates(app_dir: Path, match: Callable[[str, str], bool]) -> Iterator[st
     walks in the memory of a few (os.walk lists each directory whole: about
     150 bytes a file).
     """
-    stack: list[tuple[Iterator[os.DirEntry], Any, str, list[str]]] = [(*_listing(app_dir, 0), "", [])]
+    stack: list[tuple[Iterator[os.DirEntry], Any, str, list[str]]] = [(*_listing(str(app_dir), 0), "", [])]
     try:
         while stack:
             entries, listing, prefix, found = stack[-1]
@@ -90,17 +86,13 @@ def _candidates(app_dir: Path, match: Callable[[str, str], bool]) -> Iterator[st
                 listing.close()
 
 
-def _listing(path: str | Path, depth: int) -> tuple[Iterator[os.DirEntry], Any]:
-    """Return the entries of directory ``path`` and the open listing to close (None: read whole).
+def _listing(path: str, depth: int) -> tuple[Iterator[os.DirEntry], Any]:
+    """Return ``listing.open_listing(path, depth)``; a directory that cannot be listed is empty.
 
-    A directory that cannot be listed (a 0o000 one, as another user than
-    root) has nothing to rewrite, as under os.walk.
+    As under os.walk: a 0o000 directory (another user than root cannot list
+    it) has nothing to rewrite.
     """
     try:
-        if depth >= _STREAMED_LEVELS:
-            with os.scandir(path) as listing:
-                return iter(list(listing)), None
-        listing = os.scandir(path)
+        return open_listing(path, depth)
     except OSError:
         return iter(()), None
-    return iter(listing), listing

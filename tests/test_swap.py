@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from peerkit import swap
+from peerkit import listing, swap
 from peerkit.swap import ASIDE_PREFIX, STAGING_PREFIX, farm_of, leftovers, link_farm, new_staging, remove_tree, swap_in
 
 from tests.trees import diff, make_tree, snapshot
@@ -302,8 +302,8 @@ def test_remove_tree_memory_stays_flat_in_the_width_of_a_directory(tmp_path: Pat
 
 
 def test_remove_tree_deeper_than_the_streamed_levels(tmp_path: Path) -> None:
-    """Past swap._STREAMED_LEVELS a level is listed whole, one fd each: a very deep tree still goes."""
-    depth = swap._STREAMED_LEVELS + 450  # all of it listed while emptied would take over 1,024 fds
+    """Past listing.STREAMED_LEVELS a level is listed whole, one fd each: a very deep tree still goes."""
+    depth = listing.STREAMED_LEVELS + 450  # all of it listed while emptied would take over 1,024 fds
     os.mkdir(tmp_path / "tree")
     fd = os.open(tmp_path / "tree", os.O_RDONLY | os.O_DIRECTORY)
     try:

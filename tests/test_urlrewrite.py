@@ -15,6 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from peerkit import listing
 from peerkit.config import DEFAULT_REWRITE_GLOBS
 from peerkit.urlrewrite import MAX_FILE, rewrite
 
@@ -256,12 +257,10 @@ def test_a_directory_that_cannot_be_listed_is_left_alone() -> None:
 
 
 def test_deep_trees_are_walked_whole(app: Path) -> None:
-    """Past urlrewrite._STREAMED_LEVELS a directory is listed whole instead of held open: the same files found."""
-    from peerkit import urlrewrite
-
-    depth = urlrewrite._STREAMED_LEVELS + 20
+    """Past listing.STREAMED_LEVELS a directory is listed whole instead of held open: the same files found."""
+    depth = listing.STREAMED_LEVELS + 20
     expected = []
-    for level in (0, 1, urlrewrite._STREAMED_LEVELS - 1, urlrewrite._STREAMED_LEVELS, depth):
+    for level in (0, 1, listing.STREAMED_LEVELS - 1, listing.STREAMED_LEVELS, depth):
         rel = "d/" * level + ".env"
         write(app / rel, f"URL=https://{SRC}/\n")
         expected.append(rel)

@@ -30,12 +30,13 @@ import re
 import stat
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import Any, BinaryIO, Iterator
 from zlib import adler32
 
 from .atomicfile import write_all
 from .durable import BackgroundFlush
 from .errors import PeerkitError, TransferIncomplete, UnsafeArchive
+from .listing import open_listing
 
 __all__ = ["ExtractStats", "TarExtractor", "extract_fileobj"]
 
@@ -1025,33 +1026,44 @@ def check_tree(root: str | os.PathLike) -> ExtractStats:
 
     The same policy as extraction: only regular files, directories and
     symlinks whose targets stay inside, no setuid/setgid bits.  Links are
-    never followed.
+    never followed.  One listing per level is kept open
+    (``listing.open_listing``), so memory does not grow with the width of
+    a directory.
     """
     stats = ExtractStats()
-    stack: list[tuple[str, tuple[bytes, ...]]] = [(os.fspath(root), ())]
-    while stack:
-        top, comps = stack.pop()
-        with os.scandir(top) as it:
-            for entry in it:
-                st = entry.stat(follow_symlinks=False)
-                mode = st.st_mode
-                # setuid/setgid programs from a peer would run with its chosen owner
-                if mode & (stat.S_ISUID | stat.S_ISGID):
-                    raise UnsafeArchive(f"setuid or setgid bit on {_shown(comps, entry.name)}")
-                if stat.S_ISREG(mode):  # most entries: nothing else to check
-                    stats.files += 1
-                    stats.content_bytes += st.st_size
-                elif stat.S_ISDIR(mode):
-                    stats.dirs += 1
-                    # deep nesting: the same bound as for archives
-                    if len(comps) + 1 > MAX_DEPTH:
-                        raise UnsafeArchive(f"more than {MAX_DEPTH} levels at {_shown(comps, entry.name)}")
-                    stack.append((entry.path, comps + (os.fsencode(entry.name),)))
-                elif stat.S_ISLNK(mode):
-                    stats.symlinks += 1
-                    _check_symlink_target(os.fsencode(os.readlink(entry.path)), comps,
-                                          b"/".join(comps + (os.fsencode(entry.name),)))
-                else:
-                    # devices, FIFOs and sockets have no place in an app copy
-                    raise UnsafeArchive(f"special file {_shown(comps, entry.name)}")
+    stack: list[tuple[Iterator[os.DirEntry], Any, tuple[bytes, ...]]] = [(*open_listing(os.fspath(root), 0), ())]
+    try:
+        while stack:
+            entries, listing, comps = stack[-1]
+            entry = next(entries, None)
+            if entry is None:
+                if listing is not None:
+                    listing.close()
+                stack.pop()
+                continue
+            st = entry.stat(follow_symlinks=False)
+            mode = st.st_mode
+            # setuid/setgid programs from a peer would run with its chosen owner
+            if mode & (stat.S_ISUID | stat.S_ISGID):
+                raise UnsafeArchive(f"setuid or setgid bit on {_shown(comps, entry.name)}")
+            if stat.S_ISREG(mode):  # most entries: nothing else to check
+                stats.files += 1
+                stats.content_bytes += st.st_size
+            elif stat.S_ISDIR(mode):
+                stats.dirs += 1
+                # deep nesting: the same bound as for archives
+                if len(comps) + 1 > MAX_DEPTH:
+                    raise UnsafeArchive(f"more than {MAX_DEPTH} levels at {_shown(comps, entry.name)}")
+                stack.append((*open_listing(entry.path, len(stack)), comps + (os.fsencode(entry.name),)))
+            elif stat.S_ISLNK(mode):
+                stats.symlinks += 1
+                _check_symlink_target(os.fsencode(os.readlink(entry.path)), comps,
+                                      b"/".join(comps + (os.fsencode(entry.name),)))
+            else:
+                # devices, FIFOs and sockets have no place in an app copy
+                raise UnsafeArchive(f"special file {_shown(comps, entry.name)}")
+    finally:
+        for _, listing, _ in stack:
+            if listing is not None:
+                listing.close()
     return stats

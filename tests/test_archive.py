@@ -1264,6 +1264,25 @@ def test_check_tree_counts_what_a_clean_tree_holds(tmp_path):
     assert stats.content_bytes == 2 + 40 + 100
 
 
+def test_check_tree_memory_stays_flat_in_the_width_of_a_directory(tmp_path):
+    """One listing per level is held, not every subdirectory still to visit (about 240 bytes each)."""
+    import tracemalloc
+
+    def grown(dirs: int) -> int:
+        root = tmp_path / f"t{dirs}"
+        for i in range(dirs):
+            (root / "wide" / f"directory-with-a-name-of-some-length-{i:06d}").mkdir(parents=True)
+        tracemalloc.start()
+        try:
+            assert archive.check_tree(root).dirs == dirs + 1
+            return tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+
+    few, many = grown(500), grown(20_000)
+    assert many - few < 100_000, (few, many)
+
+
 @pytest.mark.parametrize("bit", [stat.S_ISUID, stat.S_ISGID])
 def test_check_tree_refuses_setuid_and_setgid_anywhere(tmp_path, bit):
     root = _tree(tmp_path / "t")

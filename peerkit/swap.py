@@ -230,34 +230,6 @@ def link_farm(live: Path, farm: Path) -> int:
     live app that is itself a symlink gives an empty farm: rsync then
     copies every file.
     """
-    count = 0
-    stack: list[tuple[int, int, list[str]]] = []
-
-    def enter(src: int, dst: int) -> None:
-        nonlocal count
-        subdirs = []
-        try:
-            with os.scandir(src) as entries:
-                for entry in entries:
-                    if entry.is_dir(follow_symlinks=False):
-                        subdirs.append(entry.name)
-                    elif entry.is_file(follow_symlinks=False):
-                        try:
-                            os.link(entry.name, entry.name, src_dir_fd=src, dst_dir_fd=dst, follow_symlinks=False)
-                        except OSError as exc:
-                            if exc.errno not in _SKIP_LINK:
-                                raise
-                            continue
-                        if not stat.S_ISREG(os.stat(entry.name, dir_fd=dst, follow_symlinks=False).st_mode):
-                            os.unlink(entry.name, dir_fd=dst)
-                            continue
-                        count += 1
-        except BaseException:
-            os.close(src)
-            os.close(dst)
-            raise
-        stack.append((src, dst, subdirs))
-
     try:
         top = os.open(live, _DIR_FLAGS)
     except OSError as exc:
@@ -269,33 +241,65 @@ def link_farm(live: Path, farm: Path) -> int:
     except BaseException:
         os.close(top)
         raise
+    count = 0
+    # (source fd, farm fd, the source's entries, its listing to close): one
+    # listing per level (listing.open_listing), not every subdirectory to visit
     try:
-        enter(top, made)
+        first = open_listing(top, 0)
+    except BaseException:
+        os.close(top)
+        os.close(made)
+        raise
+    stack: list[tuple[int, int, Iterator[os.DirEntry], Any]] = [(top, made, *first)]
+    try:
         while stack:
-            src, dst, subdirs = stack[-1]
-            if not subdirs:
+            src, dst, entries, listing = stack[-1]
+            entry = next(entries, None)
+            if entry is None:
                 stack.pop()
+                if listing is not None:
+                    listing.close()
                 os.close(src)
                 os.close(dst)
                 continue
-            name = subdirs.pop()
-            try:
-                sub = os.open(name, _DIR_FLAGS, dir_fd=src)
-            except OSError as exc:
-                if exc.errno in (errno.ELOOP, errno.ENOTDIR, errno.ENOENT, errno.EACCES):
-                    continue  # gone, swapped for a symlink, or not ours to read
-                raise
-            try:
-                os.mkdir(name, 0o700, dir_fd=dst)
-                made = os.open(name, _DIR_FLAGS, dir_fd=dst)
-            except BaseException:
-                os.close(sub)
-                raise
-            enter(sub, made)
-    finally:
-        for src, dst, _ in stack:
+            name = entry.name
+            if entry.is_file(follow_symlinks=False):
+                try:
+                    os.link(name, name, src_dir_fd=src, dst_dir_fd=dst, follow_symlinks=False)
+                except OSError as exc:
+                    if exc.errno not in _SKIP_LINK:
+                        raise
+                    continue
+                if not stat.S_ISREG(os.stat(name, dir_fd=dst, follow_symlinks=False).st_mode):
+                    os.unlink(name, dir_fd=dst)
+                    continue
+                count += 1
+            elif entry.is_dir(follow_symlinks=False):
+                try:
+                    sub = os.open(name, _DIR_FLAGS, dir_fd=src)
+                except OSError as exc:
+                    if exc.errno in (errno.ELOOP, errno.ENOTDIR, errno.ENOENT, errno.EACCES):
+                        continue  # gone, swapped for a symlink, or not ours to read
+                    raise
+                try:
+                    os.mkdir(name, 0o700, dir_fd=dst)
+                    made = os.open(name, _DIR_FLAGS, dir_fd=dst)
+                except BaseException:
+                    os.close(sub)
+                    raise
+                try:
+                    stack.append((sub, made, *open_listing(sub, len(stack))))
+                except BaseException:
+                    os.close(sub)
+                    os.close(made)
+                    raise
+    except BaseException:
+        for src, dst, _, listing in stack:
+            if listing is not None:
+                listing.close()
             os.close(src)
             os.close(dst)
+        raise
     return count
 
 

@@ -381,6 +381,28 @@ def test_remove_tree_locked_dirs_as_non_root() -> None:
 
 # -- the link farm: what --link-dest reads instead of the live app ---------------------------------
 
+def test_the_farm_memory_stays_flat_in_the_width_of_a_directory(tmp_path):
+    """One listing per level is held, not the name of every subdirectory still to visit."""
+    import tracemalloc
+
+    def grown(dirs: int) -> int:
+        live = tmp_path / f"live{dirs}"
+        for i in range(dirs):
+            (live / "wide" / f"directory-with-a-name-of-some-length-{i:06d}").mkdir(parents=True)
+        (live / "wide" / "f").write_bytes(b"x")
+        farm = tmp_path / f"farm{dirs}"
+        farm.mkdir()
+        tracemalloc.start()
+        try:
+            assert link_farm(live, farm) == 1
+            return tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+
+    few, many = grown(500), grown(20_000)
+    assert many - few < 100_000, (few, many)
+
+
 def test_the_farm_hard_links_every_regular_file_and_makes_its_own_directories(tmp_path):
     live = make_tree(tmp_path / "live", {"a.txt": b"a", "d/b.txt": b"b", "d/e/c.txt": b"c", "empty": None})
     farm = tmp_path / "farm"

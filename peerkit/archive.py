@@ -947,11 +947,11 @@ class TarExtractor:
         Every directory left (not ``comps`` nor one of its parents) gets its
         metadata now, deepest first: a 0o500 parent is applied only after its
         children, and a directory's mtime after everything inside it was
-        written.  Until then it stays 0o700.  Archives list a directory's
-        contents together, as tar writes them; one that comes back to a
-        directory it left finds it with its final mode (creating in a 0o555
-        one is refused, except as root) and changes its mtime, as it would
-        under GNU tar.
+        written.  Until then it stays 0o700.  tar lists a directory's
+        contents together, but a hard link may come back to a directory
+        left earlier: that directory is made 0o700 again while it is written
+        into, and gets back the mode and mtime it had when the stream leaves
+        it again.
         """
         opened = self._open
         if opened[-1][0] == comps:  # the everyday case: the same directory as the member before
@@ -973,7 +973,25 @@ class TarExtractor:
                 os.utime(fd, ns=(mtime_ns, mtime_ns))
         if comps is not None:
             for depth in range(len(opened[-1][0]) + 1, len(comps) + 1):
-                opened.append([comps[:depth], None])
+                opened.append([comps[:depth], self._reentered(comps[:depth])])
+
+    def _reentered(self, comps: tuple[bytes, ...]) -> tuple[int, int, int, int] | None:
+        """For a directory the stream left before (it exists), open it up and return its metadata; else None.
+
+        Every directory made is on the path of the member that made it, so
+        one that exists and is not on the path now was left before.
+        """
+        parent = self._dir_fd(comps[:-1])
+        try:
+            st = os.stat(comps[-1], dir_fd=parent, follow_symlinks=False)
+        except OSError:
+            return None  # the everyday case: a new directory
+        if not stat.S_ISDIR(st.st_mode):
+            return None  # a file or symlink in a directory's place: refused when it is opened
+        fd = self._dir_fd(comps)
+        if st.st_mode & 0o700 != 0o700:  # a 0o555 directory: writable again until it is left
+            os.fchmod(fd, 0o700)
+        return (stat.S_IMODE(st.st_mode) & 0o1777, st.st_mtime_ns, st.st_uid, st.st_gid)
 
 
 def process_umask() -> int | None:

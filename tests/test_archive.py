@@ -544,23 +544,27 @@ except UnsafeArchive as exc:
 
 
 _COME_BACK_CASES = {
-    "file": (a(directory("ro", mode=0o555), member("ro/f", b"x"), member("other", b"y"), member("ro/late", b"z")),
-             "cannot create file 'ro/late': Permission denied"),
-    "hard link": (a(directory("shut", mode=0o000), member("shut/f", b"x"), member("other", b"y"),
-                    hardlink("h", "shut/f")),
-                  "cannot look up the target of hard link 'h': Permission denied"),
+    # a hard link into a 0o555 directory left before (an archive built member by member may do that)
+    "read-only": (a(directory("ro", mode=0o555, mtime=1_000_000_000), member("ro/f", b"x"), member("other", b"y"),
+                    hardlink("ro/late", "other")),
+                  "extracted"),
+    # a 0o000 directory left before cannot even be looked into by its owner
+    "closed": (a(directory("shut", mode=0o000), member("shut/f", b"x"), member("other", b"y"),
+                 hardlink("h", "shut/f")),
+               "refused: cannot look up the target of hard link 'h': Permission denied"),
 }
 
 
 @pytest.mark.skipif(IS_ROOT and pwd_nobody() is None, reason="no 'nobody' user to drop to")
 @pytest.mark.parametrize("case", sorted(_COME_BACK_CASES))
-def test_coming_back_to_a_finished_read_only_directory_is_refused_not_a_local_error(case: str) -> None:
-    """Archives list a directory's contents together; one that comes back finds the final mode (as under GNU tar).
+def test_coming_back_to_a_directory_left_before_as_an_ordinary_user(case: str) -> None:
+    """A read-only directory the stream left is written into again and keeps its mode and mtime.
 
-    Root ignores the mode, so this runs as an ordinary user; the denial is
-    the archive's doing and must read as a refusal, not as a local failure.
+    Root ignores modes, so this runs as an ordinary user.  What cannot be
+    done (looking into a 0o000 directory) is the archive's doing and must
+    read as a refusal, not as a local failure.
     """
-    data, refusal = _COME_BACK_CASES[case]
+    data, outcome = _COME_BACK_CASES[case]
     base = Path(tempfile.mkdtemp(prefix="peerkit-comeback-"))  # in /tmp: nobody can reach it
     try:
         os.chmod(base, 0o755)
@@ -573,18 +577,35 @@ def test_coming_back_to_a_finished_read_only_directory_is_refused_not_a_local_er
         out = subprocess.run([sys.executable, "-c", _COME_BACK, str(base / "dest"), str(base / "archive.tar")],
                              capture_output=True, text=True, env=env, timeout=60,
                              user=nobody.pw_uid if nobody else None, group=nobody.pw_gid if nobody else None)
-        assert out.stdout == f"refused: {refusal}\n", (out.stdout, out.stderr)
+        assert out.stdout == f"{outcome}\n", (out.stdout, out.stderr)
+        if case == "read-only":
+            ro = base / "dest" / "ro"
+            assert (ro / "late").read_bytes() == b"y" and os.lstat(ro / "late").st_nlink == 2
+            assert (os.lstat(ro).st_mode & 0o7777, os.lstat(ro).st_mtime) == (0o555, 1_000_000_000)
     finally:
         subprocess.run(["chmod", "-R", "u+rwx", str(base)], check=False)
         shutil.rmtree(base, ignore_errors=True)
 
 
-@pytest.mark.skipif(not IS_ROOT, reason="root ignores the final mode; others are refused (test above)")
-def test_coming_back_to_a_finished_directory_as_root_writes_into_it(tmp_path: Path) -> None:
+def test_coming_back_to_a_directory_left_before_keeps_its_mode_and_mtime(tmp_path: Path) -> None:
     dest = tmp_path / "dest"
     dest.mkdir()
-    extract(a(directory("ro", mode=0o555), member("ro/f", b"x"), member("o", b"y"), member("ro/late", b"z")), dest)
-    assert (dest / "ro/late").read_bytes() == b"z" and os.lstat(dest / "ro").st_mode & 0o777 == 0o555
+    extract(a(directory("ro", mode=0o555, mtime=1_000_000_000), member("ro/f", b"x"), member("o", b"y"),
+              directory("ro/sub", mode=0o750, mtime=1_000_000_001), member("ro/late", b"z"),
+              directory("d", mode=0o700, mtime=1_000_000_002), member("ro/sub/later", b"w")), dest)
+    assert (dest / "ro/late").read_bytes() == b"z" and (dest / "ro/sub/later").read_bytes() == b"w"
+    ro, sub = os.lstat(dest / "ro"), os.lstat(dest / "ro/sub")
+    assert (ro.st_mode & 0o7777, ro.st_mtime, sub.st_mode & 0o7777, sub.st_mtime) == (0o555, 1_000_000_000,
+                                                                                    0o750, 1_000_000_001)
+    os.chmod(dest / "ro", 0o755)  # let tmp_path cleanup in as a non-root user
+
+
+def test_a_gnu_tarfile_with_a_hard_link_in_a_directory_left_before_extracts_the_same_each_time(tmp_path: Path) -> None:
+    """This archive adds docs/hard.txt after bin/: docs still ends with its own mtime, not the time of extraction."""
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    extract(tarcraft.BENIGN_CASES["tarfile_gnu"](), dest)
+    assert os.lstat(dest / "docs").st_mtime == 1_700_000_000
 
 
 _FILE_MODES = [0o644, 0o755, 0o444, 0o000, 0o600, 0o777, 0o640, 0o1755]

@@ -19,7 +19,7 @@ import pytest
 from peerkit import listing, swap
 from peerkit.swap import ASIDE_PREFIX, STAGING_PREFIX, farm_of, leftovers, link_farm, new_staging, remove_tree, swap_in
 
-from tests.trees import diff, make_tree, snapshot
+from tests.trees import diff, fds_into, make_tree, snapshot
 
 ROOT = Path(__file__).resolve().parent.parent
 T0 = 1_600_000_000
@@ -301,19 +301,6 @@ def test_remove_tree_memory_stays_flat_in_the_width_of_a_directory(tmp_path: Pat
     assert many - few < 100_000, (few, many)
 
 
-def _fds_into(path: Path) -> list[str]:
-    """What this process still has open under ``path`` (a removed directory reads "<path> (deleted)")."""
-    found = []
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            target = os.readlink(f"/proc/self/fd/{fd}")
-        except OSError:  # the listing's own fd, closed by now
-            continue
-        if target == str(path) or target.startswith(f"{path}/") or target == f"{path} (deleted)":
-            found.append(target)
-    return found
-
-
 def test_remove_tree_deeper_than_the_streamed_levels(tmp_path: Path) -> None:
     """Past listing.STREAMED_LEVELS a level is listed whole, one fd each: a very deep tree still goes."""
     depth = listing.STREAMED_LEVELS + 450  # all of it listed while emptied would take over 1,024 fds
@@ -342,7 +329,7 @@ def test_remove_tree_deeper_than_the_streamed_levels(tmp_path: Path) -> None:
             subprocess.run(["chmod", "-R", "u+rwx", str(tmp_path / "tree")], check=False)
             subprocess.run(["rm", "-rf", str(tmp_path / "tree")], check=False)
     assert not os.path.lexists(tmp_path / "tree")
-    assert _fds_into(tmp_path / "tree") == []  # other tests' fds may close meanwhile: only ours count
+    assert fds_into(tmp_path / "tree") == []  # other tests' fds may close meanwhile: only ours count
 
 
 def _nobody() -> pwd.struct_passwd | None:

@@ -19,7 +19,7 @@ from peerkit import listing
 from peerkit.config import DEFAULT_REWRITE_GLOBS
 from peerkit.urlrewrite import MAX_FILE, rewrite
 
-from tests.trees import diff, snapshot
+from tests.trees import diff, fds_into, snapshot
 
 GLOBS = tuple(DEFAULT_REWRITE_GLOBS)
 SRC, DST = "old.example", "new.example"
@@ -256,19 +256,6 @@ def test_a_directory_that_cannot_be_listed_is_left_alone() -> None:
         shutil.rmtree(base)
 
 
-def _fds_into(path: Path) -> list[str]:
-    """What this process still has open under ``path`` (a removed directory reads "<path> (deleted)")."""
-    found = []
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            target = os.readlink(f"/proc/self/fd/{fd}")
-        except OSError:  # the listing's own fd, closed by now
-            continue
-        if target == str(path) or target.startswith(f"{path}/") or target == f"{path} (deleted)":
-            found.append(target)
-    return found
-
-
 def test_deep_trees_are_walked_whole(app: Path) -> None:
     """Past listing.STREAMED_LEVELS a directory is listed whole instead of held open: the same files found."""
     depth = listing.STREAMED_LEVELS + 20
@@ -279,5 +266,5 @@ def test_deep_trees_are_walked_whole(app: Path) -> None:
         expected.append(rel)
     write(app / ("d/" * depth) / "other.txt", f"URL=https://{SRC}/\n")
     assert rewrite(app, SRC, DST, GLOBS) == sorted(expected)
-    assert _fds_into(app) == []  # other tests' fds may close meanwhile: only the walk's count
+    assert fds_into(app) == []  # other tests' fds may close meanwhile: only the walk's count
     assert (app / ("d/" * depth) / ".env").read_text() == f"URL=https://{DST}/\n"

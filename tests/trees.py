@@ -175,3 +175,16 @@ def make_tree(root: Path, entries: dict[str, Any]) -> Path:
         else:
             path.write_bytes(body)
     return root
+
+
+def fds_into(path: Path) -> list[str]:
+    """What this process still has open under ``path`` (a removed directory reads "<path> (deleted)")."""
+    found = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:  # the listing's own fd, closed by now
+            continue
+        if target == str(path) or target.startswith(f"{path}/") or target == f"{path} (deleted)":
+            found.append(target)
+    return found
